@@ -1,0 +1,10 @@
+"""pipeq: a drop-in multiprocessing.Queue with a synchronous, fork-safe put()."""
+
+from queue import Empty, Full
+
+from pipeq._errors import StreamError
+from pipeq.queues import Queue
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["Empty", "Full", "Queue", "StreamError", "__version__"]

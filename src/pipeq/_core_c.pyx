@@ -1,0 +1,977 @@
+# cython: language_level=3, embedsignature=True
+"""Compiled core of pipeq: whole pickled frames over a pipe, under shared locks.
+
+Wire format (shared with the pure core, so both can use one queue):
+
+    header  16 bytes  b"pq", version, flags, u32 n_buffers, u64 body length
+    body    length    [u64 x n_buffers lengths] pickle [buffers...]
+                      or, with FLAG_RAW, the bytes object itself
+    trailer 1 byte    COMMIT, or TORN for a frame its writer abandoned
+
+All integers are little-endian.  Shared state (locks, counters, the state of
+a frame in flight) lives in one page of shared memory; see _shm.py for the
+layout, which both cores follow.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset
+
+import errno as _errno
+import os
+import queue
+from io import BytesIO
+from multiprocessing.reduction import DupFd, ForkingPickler
+from pickle import loads as _loads
+
+from pipeq import _shm
+from pipeq._errors import StreamError
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <fcntl.h>
+    #include <poll.h>
+    #include <pthread.h>
+    #include <string.h>
+    #include <sys/ioctl.h>
+    #include <sys/mman.h>
+    #include <sys/uio.h>
+    #include <time.h>
+    #include <unistd.h>
+
+    #if defined(__linux__)
+    #define PQ_ROBUST 1
+    #else
+    #define PQ_ROBUST 0
+    #endif
+    #define PQ_OWNERDEAD 1
+
+    static int64_t pq_now_ns(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+    }
+
+    static int pq_mutex_init(void *p) {
+        pthread_mutexattr_t a;
+        int rc = pthread_mutexattr_init(&a);
+        if (rc) return rc;
+        rc = pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+    #if PQ_ROBUST
+        if (!rc) rc = pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+    #endif
+        if (!rc) rc = pthread_mutex_init((pthread_mutex_t *)p, &a);
+        pthread_mutexattr_destroy(&a);
+        return rc;
+    }
+
+    /* 0: locked; PQ_OWNERDEAD: locked, the last owner died holding it (the
+       mutex is made consistent again, the caller repairs what it guarded);
+       EBUSY / ETIMEDOUT: not locked; anything else: an errno value. */
+    static int pq_mutex_settle(pthread_mutex_t *m, int rc) {
+    #if PQ_ROBUST
+        if (rc == EOWNERDEAD) {
+            pthread_mutex_consistent(m);
+            return PQ_OWNERDEAD;
+        }
+    #endif
+        return rc;
+    }
+
+    static int pq_mutex_trylock(void *p) {
+        pthread_mutex_t *m = (pthread_mutex_t *)p;
+        return pq_mutex_settle(m, pthread_mutex_trylock(m));
+    }
+
+    /* Wait at most ns for the mutex.  Called without the GIL. */
+    static int pq_mutex_waitlock(void *p, int64_t ns) {
+        pthread_mutex_t *m = (pthread_mutex_t *)p;
+    #if defined(__linux__)
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += ns / 1000000000LL;
+        ts.tv_nsec += ns % 1000000000LL;
+        if (ts.tv_nsec >= 1000000000L) { ts.tv_sec += 1; ts.tv_nsec -= 1000000000L; }
+        return pq_mutex_settle(m, pthread_mutex_timedlock(m, &ts));
+    #else
+        /* No timed lock here (macOS): try, then sleep, backing off to 1 ms. */
+        int64_t end = pq_now_ns() + ns, nap = 20000;
+        for (;;) {
+            int rc = pq_mutex_settle(m, pthread_mutex_trylock(m));
+            if (rc != EBUSY) return rc;
+            int64_t left = end - pq_now_ns();
+            if (left <= 0) return ETIMEDOUT;
+            struct timespec ts = {0, (long)(nap < left ? nap : left)};
+            nanosleep(&ts, NULL);
+            if (nap < 1000000) nap *= 2;
+        }
+    #endif
+    }
+
+    static void pq_mutex_unlock(void *p) {
+        pthread_mutex_unlock((pthread_mutex_t *)p);
+    }
+
+    static uint64_t pq_load(void *p) {
+        return __atomic_load_n((uint64_t *)p, __ATOMIC_ACQUIRE);
+    }
+    static void pq_store(void *p, uint64_t v) {
+        __atomic_store_n((uint64_t *)p, v, __ATOMIC_RELEASE);
+    }
+
+    static int pq_fionread(int fd) {
+        int n = 0;
+        if (ioctl(fd, FIONREAD, &n) < 0) return -1;
+        return n;
+    }
+
+    static void *pq_mmap(int fd, size_t size) {
+        void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        return p == MAP_FAILED ? NULL : p;
+    }
+    """
+    int PQ_OWNERDEAD
+    int64_t pq_now_ns() nogil
+    int pq_mutex_init(void *p) nogil
+    int pq_mutex_trylock(void *p) nogil
+    int pq_mutex_waitlock(void *p, int64_t ns) nogil
+    void pq_mutex_unlock(void *p) nogil
+    uint64_t pq_load(void *p) nogil
+    void pq_store(void *p, uint64_t v) nogil
+    int pq_fionread(int fd) nogil
+    void *pq_mmap(int fd, size_t size) nogil
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    int EINTR, EAGAIN, EWOULDBLOCK, EBUSY, ETIMEDOUT
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    short POLLIN, POLLOUT
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t readv(int fd, const iovec *iov, int iovcnt)
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t read(int fd, void *buf, size_t count)
+    ssize_t write(int fd, const void *buf, size_t count)
+
+cdef extern from "<sys/mman.h>" nogil:
+    int munmap(void *addr, size_t length)
+
+cdef extern from "<limits.h>":
+    int PIPE_BUF
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+
+cdef extern from "<time.h>" nogil:
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    int nanosleep(const timespec *req, timespec *rem)
+
+# Frame format; _shm.py holds the same numbers for the pure core.
+cdef enum:
+    HDR = 16
+    IOV_CAP = 1024
+    ZERO_CHUNK = 65536
+    LOCKED = 0
+    TIMED_OUT = 2
+cdef uint8_t TRAILER_COMMIT = _shm.TRAILER_COMMIT
+cdef uint8_t TRAILER_TORN = _shm.TRAILER_TORN
+cdef uint8_t FLAG_OOB = _shm.FLAG_OOB
+cdef uint8_t FLAG_RAW = _shm.FLAG_RAW
+cdef uint8_t KNOWN_FLAGS = FLAG_OOB | FLAG_RAW
+cdef uint8_t VERSION = _shm.VERSION
+cdef Py_ssize_t OOB_MIN = _shm.OOB_MIN
+cdef uint64_t MAX_BODY = _shm.MAX_BODY
+
+# Offsets into the shared page (see _shm.py).
+cdef size_t SHM_SIZE = _shm.SHM_SIZE
+cdef size_t O_PUTS = _shm.O_PUTS
+cdef size_t O_GETS = _shm.O_GETS
+cdef size_t O_WR_PENDING = _shm.O_WR_PENDING
+cdef size_t O_WR_TOTAL = _shm.O_WR_TOTAL
+cdef size_t O_WR_HDR = _shm.O_WR_HDR
+cdef size_t O_RD_PENDING = _shm.O_RD_PENDING
+cdef size_t O_RD_GOT = _shm.O_RD_GOT
+cdef size_t O_RD_HDR = _shm.O_RD_HDR
+cdef size_t O_WLOCK = _shm.O_WLOCK
+cdef size_t O_RLOCK = _shm.O_RLOCK
+
+# Lock waits are sliced so that signal handlers run while a lock is awaited.
+cdef int64_t LOCK_SLICE_NS = 50_000_000
+# A reader in the middle of a frame looks this often for an abandoned writer.
+cdef int64_t MIDFRAME_SLICE_NS = 20_000_000
+
+# Filler for torn frames (stays zero), and a sink for bytes being skipped.
+cdef uint8_t _zeros[ZERO_CHUNK]
+cdef uint8_t _scratch[ZERO_CHUNK]
+memset(_zeros, 0, ZERO_CHUNK)
+
+
+cdef inline int64_t _deadline(object timeout) except? -2:
+    """-1 for no deadline; otherwise monotonic ns (negative timeouts mean 0)."""
+    if timeout is None:
+        return -1
+    cdef double t = timeout
+    if t <= 0:
+        return pq_now_ns()
+    if t > 1e9:  # beyond 30 years: as good as forever
+        return -1
+    return pq_now_ns() + <int64_t>(t * 1e9)
+
+
+cdef inline void _put_u64(uint8_t *p, uint64_t v) noexcept nogil:
+    cdef int i
+    for i in range(8):
+        p[i] = <uint8_t>(v >> (8 * i))
+
+
+cdef inline uint64_t _get_u64(const uint8_t *p) noexcept nogil:
+    cdef uint64_t v = 0
+    cdef int i
+    for i in range(8):
+        v |= (<uint64_t>p[i]) << (8 * i)
+    return v
+
+
+cdef inline uint32_t _get_u32(const uint8_t *p) noexcept nogil:
+    return p[0] | (p[1] << 8) | (p[2] << 16) | (<uint32_t>p[3] << 24)
+
+
+cdef int _raise_errno(int err) except -1:
+    raise OSError(err, os.strerror(err))
+
+
+cdef class _OOBCollector:
+    """pickle buffer_callback: large contiguous buffers go out of band."""
+
+    cdef list views
+
+    def __cinit__(self):
+        self.views = []
+
+    def __call__(self, pb):
+        try:
+            view = pb.raw()
+        except BufferError:
+            return True  # not contiguous: let pickle copy it in band
+        if view.nbytes < OOB_MIN:
+            return True
+        self.views.append(view)
+        return False
+
+
+cdef class Channel:
+    """One pipe, two process-shared locks and a page of shared state.
+
+    A writer holds the write lock for exactly one frame; a reader holds the
+    read lock for exactly one frame and waits for data without it.  Both pipe
+    ends are non-blocking: every wait is a poll() with the GIL released, so
+    timeouts bound the wait and signal handlers run during it.
+    """
+
+    cdef int _rfd, _wfd, _shmfd, _nrfd, _nwfd
+    cdef readonly Py_ssize_t maxsize
+    cdef readonly Py_ssize_t capacity
+    cdef uint8_t *_shm
+    cdef bint _closed
+    cdef int _nfull  # frames this get() took from a full queue
+
+    def __cinit__(self):
+        self._rfd = self._wfd = self._shmfd = self._nrfd = self._nwfd = -1
+        self._shm = NULL
+        self._closed = True
+
+    def __init__(self, Py_ssize_t maxsize=0):
+        if maxsize < 0:
+            maxsize = 0
+        fds = _shm.create(maxsize)
+        self._attach(fds[0], fds[1], fds[2], fds[3], fds[4], maxsize, True)
+
+    cdef _attach(self, int r, int w, int s, int nr, int nw, Py_ssize_t maxsize,
+                 bint fresh):
+        self._rfd, self._wfd, self._shmfd, self._nrfd, self._nwfd = r, w, s, nr, nw
+        self.maxsize = maxsize
+        self._shm = <uint8_t *>pq_mmap(s, SHM_SIZE)
+        if self._shm == NULL:
+            _raise_errno(errno)
+        self._closed = False
+        cdef int rc
+        if fresh:
+            for off in (O_WLOCK, O_RLOCK):
+                rc = pq_mutex_init(self._shm + <size_t>off)
+                if rc:
+                    _raise_errno(rc)
+            _shm.init_header(s, maxsize)
+        self.capacity = _shm.pipe_capacity(w)
+
+    def __reduce__(self):
+        # Only meaningful while a child process is being started: DupFd hands
+        # each fd to the new process.  The queue wrapper enforces that.
+        self._check()
+        fds = [DupFd(fd) if fd >= 0 else None
+               for fd in (self._rfd, self._wfd, self._shmfd, self._nrfd, self._nwfd)]
+        return _rebuild, (*fds, self.maxsize)
+
+    def __dealloc__(self):
+        self._close_fds()
+        if self._shm != NULL:
+            munmap(self._shm, SHM_SIZE)
+            self._shm = NULL
+
+    cdef void _close_fds(self) noexcept:
+        cdef int fd
+        for fd in (self._rfd, self._wfd, self._shmfd, self._nrfd, self._nwfd):
+            if fd >= 0:
+                close(fd)
+        self._rfd = self._wfd = self._shmfd = self._nrfd = self._nwfd = -1
+
+    def close(self):
+        """Close this process's fds; the shared page stays mapped until GC."""
+        if not self._closed:
+            self._closed = True
+            self._close_fds()
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def fileno(self):
+        """The read end of the pipe, for poll/select-style waiting."""
+        self._check()
+        return self._rfd
+
+    def writer_fileno(self):
+        self._check()
+        return self._wfd
+
+    cdef inline int _check(self) except -1:
+        if self._closed:
+            raise ValueError("channel is closed")
+        return 0
+
+    # -- counters ---------------------------------------------------------
+
+    cdef inline int64_t _count(self) noexcept:
+        cdef uint64_t p = pq_load(self._shm + O_PUTS)
+        cdef uint64_t g = pq_load(self._shm + O_GETS)
+        return <int64_t>(p - g)
+
+    def qsize(self):
+        """Frames in the pipe, counting one being written."""
+        self._check()
+        cdef int64_t n = self._count()
+        return n if n > 0 else 0
+
+    def full(self):
+        self._check()
+        return self.maxsize > 0 and self._count() >= self.maxsize
+
+    def empty(self):
+        self._check()
+        return self._count() <= 0
+
+    # -- waiting ----------------------------------------------------------
+
+    cdef int _wait_fd(self, int fd, short events, int64_t deadline) except -1:
+        """1 when fd is ready, 0 when the deadline passed first."""
+        cdef pollfd p
+        cdef int rc, err, ms
+        cdef int64_t left
+        p.fd = fd
+        p.events = events
+        while True:
+            if deadline < 0:
+                ms = -1
+            else:
+                left = deadline - pq_now_ns()
+                ms = 0 if left <= 0 else <int>((left + 999_999) // 1_000_000)
+            with nogil:
+                rc = poll(&p, 1, ms)
+                err = errno
+            if rc > 0:
+                return 1
+            if rc == 0:
+                if deadline >= 0 and pq_now_ns() >= deadline:
+                    return 0
+                continue
+            if err != EINTR:
+                _raise_errno(err)
+            PyErr_CheckSignals()
+
+    cdef int _lock(self, size_t off, int64_t deadline) except -1:
+        """LOCKED, PQ_OWNERDEAD (locked, last owner died) or TIMED_OUT."""
+        cdef void *m = self._shm + off
+        cdef int rc = pq_mutex_trylock(m)
+        cdef int64_t left, ns
+        while True:
+            if rc == 0 or rc == PQ_OWNERDEAD:
+                return rc
+            if rc != EBUSY and rc != ETIMEDOUT:
+                _raise_errno(rc)
+            PyErr_CheckSignals()
+            ns = LOCK_SLICE_NS
+            if deadline >= 0:
+                left = deadline - pq_now_ns()
+                if left <= 0:
+                    return TIMED_OUT
+                if left < ns:
+                    ns = left
+            with nogil:
+                rc = pq_mutex_waitlock(m, ns)
+
+    cdef inline void _unlock(self, size_t off) noexcept:
+        pq_mutex_unlock(self._shm + off)
+
+    # -- writing ----------------------------------------------------------
+
+    def put(self, obj, timeout=None):
+        """Write obj as one frame.  Raises queue.Full when the deadline passes
+        before the frame could be written whole."""
+        self._check()
+        cdef int64_t deadline = _deadline(timeout)
+        cdef uint8_t hdr[HDR]
+        cdef uint8_t trailer = TRAILER_COMMIT
+        cdef Py_buffer *views = NULL
+        cdef iovec *iov = NULL
+        cdef uint64_t *table = NULL
+        cdef Py_ssize_t nviews = 0, i
+        cdef uint64_t body = 0, total
+        cdef uint8_t flags = 0
+        cdef uint32_t nbuf = 0
+        cdef int niov = 0
+
+        # Pickle before taking any lock: a failure leaves the queue untouched.
+        if type(obj) is bytes:
+            flags = FLAG_RAW
+            parts = [obj]
+        else:
+            sink = BytesIO()
+            collector = _OOBCollector()
+            ForkingPickler(sink, 5, True, collector).dump(obj)
+            parts = [sink.getbuffer()]
+            if collector.views:
+                flags = FLAG_OOB
+                parts.extend(collector.views)
+                nbuf = len(collector.views)
+
+        try:
+            nviews = len(parts)
+            views = <Py_buffer *>PyMem_Malloc(nviews * sizeof(Py_buffer))
+            iov = <iovec *>PyMem_Malloc((nviews + 3) * sizeof(iovec))
+            if views == NULL or iov == NULL:
+                raise MemoryError()
+            i = 0
+            try:
+                while i < nviews:
+                    PyObject_GetBuffer(parts[i], &views[i], PyBUF_SIMPLE)
+                    body += <uint64_t>views[i].len
+                    i += 1
+            except BaseException:
+                nviews = i
+                raise
+            iov[niov].iov_base = hdr
+            iov[niov].iov_len = HDR
+            niov += 1
+            if nbuf:
+                table = <uint64_t *>PyMem_Malloc(nbuf * 8)
+                if table == NULL:
+                    raise MemoryError()
+                for i in range(nbuf):
+                    _put_u64(<uint8_t *>&table[i], <uint64_t>views[i + 1].len)
+                iov[niov].iov_base = table
+                iov[niov].iov_len = nbuf * 8
+                niov += 1
+                body += nbuf * 8
+            for i in range(nviews):
+                iov[niov].iov_base = views[i].buf
+                iov[niov].iov_len = views[i].len
+                niov += 1
+            iov[niov].iov_base = &trailer
+            iov[niov].iov_len = 1
+            niov += 1
+            hdr[0] = 0x70  # 'p'
+            hdr[1] = 0x71  # 'q'
+            hdr[2] = VERSION
+            hdr[3] = flags
+            hdr[4] = nbuf & 0xff
+            hdr[5] = (nbuf >> 8) & 0xff
+            hdr[6] = (nbuf >> 16) & 0xff
+            hdr[7] = (nbuf >> 24) & 0xff
+            _put_u64(hdr + 8, body)
+            total = HDR + body + 1
+            self._put_frame(hdr, iov, niov, total, deadline)
+        finally:
+            for i in range(nviews):
+                PyBuffer_Release(&views[i])
+            PyMem_Free(views)
+            PyMem_Free(iov)
+            PyMem_Free(table)
+
+    cdef int _put_frame(self, uint8_t *hdr, iovec *iov, int niov, uint64_t total,
+                        int64_t deadline) except -1:
+        cdef int st, r
+        cdef uint8_t *shm
+        # A frame that fits in the pipe is begun only once it fits whole, so a
+        # timeout never cuts it; only a frame larger than the pipe is streamed
+        # (holding the write lock) and can be left unfinished.
+        cdef bint sized = total > <uint64_t>PIPE_BUF and total <= <uint64_t>self.capacity
+        while True:
+            if self.maxsize > 0 and self._count() >= self.maxsize:
+                if not self._wait_room(deadline):
+                    raise queue.Full
+                continue
+            if sized and not self._has_room(total):
+                if not self._wait_space(total, deadline):
+                    raise queue.Full
+                continue
+            st = self._lock(O_WLOCK, deadline)
+            if st == TIMED_OUT:
+                raise queue.Full
+            shm = self._shm
+            try:
+                if pq_load(shm + O_WR_PENDING) and not self._pay_debt(deadline):
+                    raise queue.Full
+                if self.maxsize > 0 and self._count() >= self.maxsize:
+                    continue  # another producer took the last slot
+                if sized and not self._has_room(total):
+                    continue
+                # Record the frame before its first byte moves, so that whoever
+                # takes the lock after us can complete it if we stop midway.
+                memcpy(shm + O_WR_HDR, hdr, HDR)
+                pq_store(shm + O_WR_TOTAL, total)
+                pq_store(shm + O_WR_PENDING, total)
+                pq_store(shm + O_PUTS, pq_load(shm + O_PUTS) + 1)
+                r = self._write_iov(iov, niov, deadline, True)
+                if r == 1:
+                    return 0
+                if r == 0:
+                    raise queue.Full
+                # r == 2: the pipe was full before our first byte; the frame
+                # was taken back.  Wait for space without the lock.
+            finally:
+                self._unlock(O_WLOCK)
+            if not self._wait_fd(self._wfd, POLLOUT, deadline):
+                raise queue.Full
+
+    cdef inline bint _has_room(self, uint64_t total) noexcept:
+        cdef int used = pq_fionread(self._rfd)
+        return used >= 0 and <uint64_t>(self.capacity - used) >= total
+
+    cdef int _wait_space(self, uint64_t total, int64_t deadline) except -1:
+        """Wait until `total` bytes fit in the pipe.  0 on timeout."""
+        cdef int64_t nap = 50_000, left
+        cdef timespec ts
+        while not self._has_room(total):
+            # poll() says only that some space is free; sleep between checks.
+            if not self._wait_fd(self._wfd, POLLOUT, deadline):
+                return 0
+            if self._has_room(total):
+                break
+            if deadline >= 0:
+                left = deadline - pq_now_ns()
+                if left <= 0:
+                    return 0
+                if left < nap:
+                    nap = left
+            ts.tv_sec = 0
+            ts.tv_nsec = nap
+            with nogil:
+                nanosleep(&ts, NULL)
+            PyErr_CheckSignals()
+            if nap < 2_000_000:
+                nap *= 2
+        return 1
+
+    cdef int _write_iov(self, iovec *iov, int niov, int64_t deadline,
+                        bint frame) except -1:
+        """Write all of iov, holding the write lock.  1 when done; 0 when the
+        deadline passed; 2 when a frame's first write found the pipe full.
+        A frame stopped after its first byte stays in the shared state as
+        debt; one stopped before it is taken back."""
+        cdef uint8_t *shm = self._shm
+        cdef uint64_t done = 0
+        cdef ssize_t n
+        cdef int err, i = 0, cnt
+        cdef bint ok = False
+        try:
+            while i < niov:
+                cnt = niov - i
+                if cnt > IOV_CAP:
+                    cnt = IOV_CAP
+                with nogil:
+                    n = writev(self._wfd, iov + i, cnt)
+                    err = errno
+                if n > 0:
+                    done += <uint64_t>n
+                    pq_store(shm + O_WR_PENDING, pq_load(shm + O_WR_PENDING) - <uint64_t>n)
+                    while n > 0:
+                        if <size_t>n >= iov[i].iov_len:
+                            n -= iov[i].iov_len
+                            i += 1
+                        else:
+                            iov[i].iov_base = <char *>iov[i].iov_base + n
+                            iov[i].iov_len -= n
+                            n = 0
+                    while i < niov and iov[i].iov_len == 0:
+                        i += 1
+                    continue
+                if n < 0 and err == EINTR:
+                    PyErr_CheckSignals()
+                elif n < 0 and (err == EAGAIN or err == EWOULDBLOCK):
+                    if frame and done == 0:
+                        return 2
+                    if not self._wait_fd(self._wfd, POLLOUT, deadline):
+                        return 0
+                else:
+                    _raise_errno(err)
+            ok = True
+            return 1
+        finally:
+            if not ok and frame and done == 0:
+                # Nothing of this frame reached the pipe: it never existed.
+                pq_store(shm + O_WR_PENDING, 0)
+                pq_store(shm + O_PUTS, pq_load(shm + O_PUTS) - 1)
+
+    cdef int _pay_debt(self, int64_t deadline) except -1:
+        """Complete a frame that an earlier writer left unfinished, marking it
+        torn so that readers drop it.  Holding the write lock."""
+        cdef uint8_t *shm = self._shm
+        cdef uint64_t pending, total, written, n
+        cdef iovec iov[3]
+        cdef uint8_t torn = TRAILER_TORN
+        cdef int niov
+        while True:
+            pending = pq_load(shm + O_WR_PENDING)
+            if pending == 0:
+                return 1
+            total = pq_load(shm + O_WR_TOTAL)
+            written = total - pending
+            niov = 0
+            if written < HDR:
+                iov[niov].iov_base = shm + O_WR_HDR + written
+                iov[niov].iov_len = HDR - written
+                niov += 1
+                pending -= HDR - written
+            if pending > 1:
+                n = pending - 1
+                if n > ZERO_CHUNK:
+                    n = ZERO_CHUNK
+                iov[niov].iov_base = _zeros
+                iov[niov].iov_len = n
+                niov += 1
+            else:
+                iov[niov].iov_base = &torn
+                iov[niov].iov_len = 1
+                niov += 1
+            if not self._write_iov(iov, niov, deadline, False):
+                return 0
+
+    cdef int _wait_room(self, int64_t deadline) except -1:
+        """Wait for a get() to free a slot (maxsize > 0).  0 on timeout."""
+        cdef char b
+        if not self._wait_fd(self._nrfd, POLLIN, deadline):
+            return 0
+        with nogil:
+            read(self._nrfd, &b, 1)
+        return 1
+
+    # -- reading ----------------------------------------------------------
+
+    def get(self, timeout=None):
+        """Read and unpickle one frame.  Raises queue.Empty when no frame
+        starts before the deadline."""
+        self._check()
+        cdef int64_t deadline = _deadline(timeout)
+        cdef int st
+        while True:
+            st = pq_mutex_trylock(self._shm + O_RLOCK)
+            if st != 0 and st != PQ_OWNERDEAD:
+                if st != EBUSY:
+                    _raise_errno(st)
+                if not self._wait_fd(self._rfd, POLLIN, deadline):
+                    raise queue.Empty
+                st = self._lock(O_RLOCK, deadline)
+                if st == TIMED_OUT:
+                    raise queue.Empty
+            self._nfull = 0
+            try:
+                frame = self._read_frame()
+            finally:
+                self._unlock(O_RLOCK)
+                if self._nfull:
+                    self._wake_producers()
+            if frame is None:
+                if not self._wait_fd(self._rfd, POLLIN, deadline):
+                    raise queue.Empty
+                continue
+            if frame is False:
+                continue  # a torn frame: its writer gave up, nothing to deliver
+            data, buffers = frame
+            if buffers is None:
+                return data
+            return _loads(data, buffers=buffers)
+
+    cdef void _wake_producers(self) noexcept:
+        # One byte per frame that left a full queue: each wakes one producer
+        # waiting in _wait_room.  Stray bytes only cause a spurious re-check.
+        cdef char b = 0
+        while self._nfull > 0:
+            self._nfull -= 1
+            with nogil:
+                write(self._nwfd, &b, 1)
+
+    cdef object _read_frame(self):
+        """Holding the read lock: None if the pipe is empty, False for a torn
+        frame, else (data, buffers-or-None).  Updates gets."""
+        cdef uint8_t *shm = self._shm
+        cdef uint8_t *h = shm + O_RD_HDR
+        cdef uint64_t got, body, pending
+        cdef uint32_t nbuf
+        cdef uint8_t flags
+        cdef ssize_t n
+        cdef int err
+
+        # Leftovers of a reader that died or was interrupted mid-frame.
+        if pq_load(shm + O_RD_GOT) or pq_load(shm + O_RD_PENDING):
+            self._drop_leftover()
+
+        # The header goes straight into shared memory, so a successor can
+        # finish this frame if we stop partway through it.
+        with nogil:
+            n = read(self._rfd, h, HDR)
+            err = errno
+        if n < 0:
+            if err == EAGAIN or err == EWOULDBLOCK:
+                return None
+            if err == EINTR:
+                PyErr_CheckSignals()
+                return None
+            _raise_errno(err)
+        if n == 0:
+            raise EOFError("pipeq: every write end of the pipe is closed")
+        pq_store(shm + O_RD_GOT, <uint64_t>n)
+        if n < HDR and not self._finish_header():
+            self._consumed_under_lock()
+            return False
+        body = self._check_header(h)
+        pq_store(shm + O_RD_GOT, 0)
+        pq_store(shm + O_RD_PENDING, body + 1)
+        flags = h[3]
+        nbuf = _get_u32(h + 4)
+        frame = self._read_body(flags, nbuf, body)
+        self._consumed_under_lock()
+        return frame
+
+    cdef uint64_t _check_header(self, const uint8_t *h) except? 0xFFFFFFFFFFFFFFFF:
+        cdef uint64_t body = _get_u64(h + 8)
+        cdef uint32_t nbuf = _get_u32(h + 4)
+        if (h[0] != 0x70 or h[1] != 0x71 or h[2] != VERSION
+                or (h[3] & ~KNOWN_FLAGS) or body > MAX_BODY
+                or (nbuf and not (h[3] & FLAG_OOB))
+                or (<uint64_t>nbuf) * 8 > body):
+            pq_store(self._shm + O_RD_GOT, 0)
+            raise StreamError(
+                f"pipeq: not a pipeq frame header: {bytes(h[:HDR])!r}; "
+                "something else wrote into the queue's pipe")
+        return body
+
+    cdef int _finish_header(self) except -1:
+        """Read the rest of a partial header.  0 if its writer abandoned the
+        frame (it is dropped), 1 when the header is complete."""
+        cdef uint8_t *shm = self._shm
+        cdef iovec iov
+        cdef uint64_t got = pq_load(shm + O_RD_GOT)
+        iov.iov_base = shm + O_RD_HDR + got
+        iov.iov_len = HDR - got
+        return self._read_iov(&iov, 1, O_RD_GOT, True)
+
+    cdef object _read_body(self, uint8_t flags, uint32_t nbuf, uint64_t body):
+        cdef uint8_t trailer = 0
+        cdef iovec small[3]
+        cdef iovec *iov = small
+        cdef uint8_t *table = NULL
+        cdef uint64_t rest = body, blen
+        cdef uint32_t i
+        cdef int niov = 0
+        buffers = None
+        try:
+            if nbuf:
+                table = <uint8_t *>PyMem_Malloc(nbuf * 8)
+                if table == NULL:
+                    raise MemoryError()
+                small[0].iov_base = table
+                small[0].iov_len = nbuf * 8
+                if not self._read_iov(small, 1, O_RD_PENDING, False):
+                    return self._torn()
+                rest -= nbuf * 8
+                buffers = []
+                for i in range(nbuf):
+                    blen = _get_u64(table + 8 * i)
+                    if blen > rest:
+                        pq_store(self._shm + O_RD_PENDING, rest + 1)
+                        raise StreamError("pipeq: buffer table exceeds the frame")
+                    rest -= blen
+                    buffers.append(PyByteArray_FromStringAndSize(NULL, blen))
+                iov = <iovec *>PyMem_Malloc((nbuf + 2) * sizeof(iovec))
+                if iov == NULL:
+                    raise MemoryError()
+            data = PyBytes_FromStringAndSize(NULL, rest)
+            iov[0].iov_base = PyBytes_AS_STRING(data)
+            iov[0].iov_len = rest
+            niov = 1
+            if buffers is not None:
+                for b in buffers:
+                    iov[niov].iov_base = PyByteArray_AS_STRING(b)
+                    iov[niov].iov_len = len(b)
+                    niov += 1
+            iov[niov].iov_base = &trailer
+            iov[niov].iov_len = 1
+            niov += 1
+            if not self._read_iov(iov, niov, O_RD_PENDING, False):
+                return self._torn()
+        finally:
+            if iov != small:
+                PyMem_Free(iov)
+            PyMem_Free(table)
+        if trailer == TRAILER_TORN:
+            return False
+        if trailer != TRAILER_COMMIT:
+            raise StreamError(f"pipeq: bad frame trailer {trailer:#04x}")
+        if flags & FLAG_RAW:
+            return data, None
+        return data, (buffers if buffers is not None else ())
+
+    cdef object _torn(self):
+        pq_store(self._shm + O_RD_PENDING, 0)
+        return False
+
+    cdef int _drop_leftover(self) except -1:
+        """Discard the rest of a frame that a previous reader began."""
+        cdef uint8_t *shm = self._shm
+        cdef uint64_t pending
+        cdef iovec iov
+        if pq_load(shm + O_RD_GOT):
+            if not self._finish_header():
+                self._consumed_under_lock()
+                return 0
+            pq_store(shm + O_RD_PENDING, self._check_header(shm + O_RD_HDR) + 1)
+            pq_store(shm + O_RD_GOT, 0)
+        while True:
+            pending = pq_load(shm + O_RD_PENDING)
+            if pending == 0:
+                break
+            iov.iov_base = _scratch
+            iov.iov_len = pending if pending < ZERO_CHUNK else ZERO_CHUNK
+            if not self._read_iov(&iov, 1, O_RD_PENDING, False):
+                break
+        pq_store(shm + O_RD_PENDING, 0)
+        self._consumed_under_lock()
+        return 0
+
+    cdef void _consumed_under_lock(self) noexcept:
+        # Whether the queue was full is judged at the increment itself: a
+        # producer that saw it full is then sure to be woken by someone.
+        cdef uint64_t g = pq_load(self._shm + O_GETS)
+        if self.maxsize > 0 and <int64_t>(pq_load(self._shm + O_PUTS) - g) >= self.maxsize:
+            self._nfull += 1
+        pq_store(self._shm + O_GETS, g + 1)
+
+    cdef int _read_iov(self, iovec *iov, int niov, size_t counter, bint header) except -1:
+        """Read all of iov, holding the read lock, counting progress down in
+        the shared counter at `counter` (up, for the header).  1 when done;
+        0 when the frame's writer abandoned it (the frame is torn)."""
+        cdef uint8_t *shm = self._shm
+        cdef ssize_t n
+        cdef int err, i = 0, cnt
+        while i < niov:
+            cnt = niov - i
+            if cnt > IOV_CAP:
+                cnt = IOV_CAP
+            with nogil:
+                n = readv(self._rfd, iov + i, cnt)
+                err = errno
+            if n > 0:
+                if header:
+                    pq_store(shm + counter, pq_load(shm + counter) + <uint64_t>n)
+                else:
+                    pq_store(shm + counter, pq_load(shm + counter) - <uint64_t>n)
+                while n > 0:
+                    if <size_t>n >= iov[i].iov_len:
+                        n -= iov[i].iov_len
+                        i += 1
+                    else:
+                        iov[i].iov_base = <char *>iov[i].iov_base + n
+                        iov[i].iov_len -= n
+                        n = 0
+                while i < niov and iov[i].iov_len == 0:
+                    i += 1
+                continue
+            if n == 0:
+                raise EOFError("pipeq: every write end of the pipe is closed")
+            if err == EINTR:
+                PyErr_CheckSignals()
+            elif err == EAGAIN or err == EWOULDBLOCK:
+                if self._writer_gone():
+                    return 0
+                self._wait_fd(self._rfd, POLLIN, pq_now_ns() + MIDFRAME_SLICE_NS)
+            else:
+                _raise_errno(err)
+        return 1
+
+    cdef int _writer_gone(self) except -1:
+        """Mid-frame with an empty pipe: 1 if the frame's writer abandoned it
+        (then its debt is forgiven here), 0 if it is still writing."""
+        cdef uint8_t *shm = self._shm
+        cdef int st = pq_mutex_trylock(shm + O_WLOCK)
+        cdef uint64_t owed, expect, got
+        if st != 0 and st != PQ_OWNERDEAD:
+            return 0  # a live writer holds it and will write more
+        try:
+            if pq_fionread(self._rfd) != 0:
+                return 0
+            owed = pq_load(shm + O_WR_PENDING)
+            got = pq_load(shm + O_RD_GOT)
+            if got:
+                expect = HDR - got + _get_u64(shm + O_WR_HDR + 8) + 1
+            else:
+                expect = pq_load(shm + O_RD_PENDING)
+            if owed == 0 or owed != expect:
+                raise StreamError(
+                    f"pipeq: frame cut short ({expect} bytes missing, "
+                    f"{owed} owed by its writer)")
+            pq_store(shm + O_WR_PENDING, 0)
+            pq_store(shm + O_RD_GOT, 0)
+            pq_store(shm + O_RD_PENDING, 0)
+            return 1
+        finally:
+            self._unlock(O_WLOCK)
+
+
+
+
+def _rebuild(r, w, s, nr, nw, Py_ssize_t maxsize):
+    """Unpickle a Channel in a child process from the fds it was handed."""
+    cdef Channel self = Channel.__new__(Channel)
+    fds = [d.detach() if d is not None else -1 for d in (r, w, s, nr, nw)]
+    for fd in fds:
+        if fd >= 0:
+            os.set_inheritable(fd, False)
+    self._attach(fds[0], fds[1], fds[2], fds[3], fds[4], maxsize, False)
+    return self

@@ -1,0 +1,122 @@
+"""The wire format, the shared page's layout, and fd set-up common to both cores."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import sys
+import tempfile
+
+# Frame: 16-byte header, body, 1-byte trailer (see _core_c.pyx).
+VERSION = 1
+HEADER = struct.Struct("<2sBBIQ")  # b"pq", version, flags, n_buffers, body length
+MAGIC = b"pq"
+FLAG_OOB = 0x01  # body = u64 length table, pickle, then out-of-band buffers
+FLAG_RAW = 0x02  # body = a bytes object, sent without pickling
+TRAILER_COMMIT = 0xC3
+TRAILER_TORN = 0x5A
+OOB_MIN = 16 * 1024  # smaller pickle buffers are copied in band
+MAX_BODY = 1 << 48  # no sane frame is larger; a bigger length means garbage
+
+# The shared page.  Writer fields share one cache line, reader fields another;
+# the two process-shared mutexes sit on lines of their own.
+SHM_SIZE = 4096
+SHM_MAGIC = 0x48535150  # "PQSH"
+O_MAGIC = 0  # u32
+O_LAYOUT = 4  # u32
+O_MAXSIZE = 8  # i64
+O_PUTS = 64  # u64, frames begun; written under the write lock
+O_WR_PENDING = 72  # u64, bytes of the last frame not yet in the pipe
+O_WR_TOTAL = 80  # u64, that frame's size
+O_WR_HDR = 88  # 16 bytes, that frame's header
+O_GETS = 128  # u64, frames consumed; written under the read lock
+O_RD_PENDING = 136  # u64, bytes of the current frame still unread
+O_RD_GOT = 144  # u64, header bytes read so far
+O_RD_HDR = 152  # 16 bytes, the header being read
+O_WLOCK = 256
+O_RLOCK = 384
+LOCK_SPACE = 128
+
+DEFAULT_PIPE_SIZE = 65536
+
+
+def _pipe_max_size() -> int:
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
+
+
+def _enlarge(fd: int) -> None:
+    """Raise the pipe's capacity as far as the OS lets this process."""
+    setsz = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if setsz is None:
+        return
+    size = _pipe_max_size()
+    while size > DEFAULT_PIPE_SIZE:
+        try:
+            fcntl.fcntl(fd, setsz, size)
+            return
+        except OSError:
+            # EPERM: over this user's pipe-user-pages-soft budget.
+            size //= 2
+
+
+def pipe_capacity(fd: int) -> int:
+    getsz = getattr(fcntl, "F_GETPIPE_SZ", None)
+    if getsz is None:
+        return DEFAULT_PIPE_SIZE  # macOS and the BSDs grow pipes to 64 KiB
+    return fcntl.fcntl(fd, getsz)
+
+
+def _pipe() -> tuple[int, int]:
+    if hasattr(os, "pipe2"):
+        return os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    r, w = os.pipe()  # non-inheritable since Python 3.4
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    return r, w
+
+
+def _shared_page() -> int:
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("pipeq", os.MFD_CLOEXEC)
+    else:
+        where = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        fd, path = tempfile.mkstemp(prefix="pipeq-", dir=where)
+        os.unlink(path)
+    os.ftruncate(fd, SHM_SIZE)
+    return fd
+
+
+def create(maxsize: int) -> tuple[int, int, int, int, int]:
+    """New fds: data pipe (r, w), shared page, and, for a bounded queue, a
+    pipe that getters use to wake producers waiting for room."""
+    fds: list[int] = []
+    try:
+        r, w = _pipe()
+        fds += (r, w)
+        _enlarge(w)
+        fds.append(_shared_page())
+        if maxsize > 0:
+            fds += _pipe()
+        else:
+            fds += (-1, -1)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds[0], fds[1], fds[2], fds[3], fds[4]
+
+
+def init_header(fd: int, maxsize: int) -> None:
+    os.pwrite(fd, struct.pack("<IIq", SHM_MAGIC, VERSION, maxsize), O_MAGIC)
+
+
+def check_platform() -> None:
+    if sys.platform == "win32":
+        raise ImportError(
+            "pipeq needs POSIX pipes and fork(); on Windows use multiprocessing.Queue"
+        )
