@@ -373,18 +373,18 @@ cdef class Channel:
         cdef uint64_t g = pq_load(self._shm + O_GETS)
         return <int64_t>(p - g)
 
+    # The shared page stays mapped until the Channel is collected, so the
+    # counters can be read after close(), as the stdlib's semaphore can.
+
     def qsize(self):
         """Frames in the pipe, counting one being written."""
-        self._check()
         cdef int64_t n = self._count()
         return n if n > 0 else 0
 
     def full(self):
-        self._check()
         return self.maxsize > 0 and self._count() >= self.maxsize
 
     def empty(self):
-        self._check()
         return self._count() <= 0
 
     # -- waiting ----------------------------------------------------------
@@ -472,20 +472,14 @@ cdef class Channel:
                 nbuf = len(collector.views)
 
         try:
-            nviews = len(parts)
-            views = <Py_buffer *>PyMem_Malloc(nviews * sizeof(Py_buffer))
-            iov = <iovec *>PyMem_Malloc((nviews + 3) * sizeof(iovec))
+            views = <Py_buffer *>PyMem_Malloc(len(parts) * sizeof(Py_buffer))
+            iov = <iovec *>PyMem_Malloc((len(parts) + 3) * sizeof(iovec))
             if views == NULL or iov == NULL:
                 raise MemoryError()
-            i = 0
-            try:
-                while i < nviews:
-                    PyObject_GetBuffer(parts[i], &views[i], PyBUF_SIMPLE)
-                    body += <uint64_t>views[i].len
-                    i += 1
-            except BaseException:
-                nviews = i
-                raise
+            for part in parts:
+                PyObject_GetBuffer(part, &views[nviews], PyBUF_SIMPLE)
+                body += <uint64_t>views[nviews].len
+                nviews += 1
             iov[niov].iov_base = hdr
             iov[niov].iov_len = HDR
             niov += 1

@@ -88,19 +88,20 @@ class Queue(Generic[T]):
         """Approximate number of items in the queue.
 
         Works on macOS too (no ``sem_getvalue``) and has no 32,767 cap.
+        Like multiprocessing's, still answers after ``close()``.
         """
-        self._check_closed()
         n: int = self._channel.qsize()
         return n
 
     def empty(self) -> bool:
-        """True if the queue looked empty; approximate, as in multiprocessing."""
-        self._check_closed()
+        """True if the queue looked empty; approximate, as in multiprocessing.
+
+        Still answers after ``close()``, where multiprocessing raises OSError.
+        """
         return bool(self._channel.empty())
 
     def full(self) -> bool:
         """True if the queue held ``maxsize`` items; approximate, as in multiprocessing."""
-        self._check_closed()
         return bool(self._channel.full())
 
     def close(self) -> None:

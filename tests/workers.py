@@ -1,0 +1,159 @@
+"""Child-process targets and shared test helpers; module level so that spawn and forkserver can pickle them."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import random
+import sys
+from typing import Any
+
+# Generous bound for every blocking call made inside a child.
+CHILD_TIMEOUT = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """A user-defined, importable class, to check that instances round-trip."""
+
+    x: int
+    y: float
+    label: str = ""
+
+
+# -- payloads: built the same way in parent and child, so either side can check
+
+
+def make_payload(kind: str, size: int) -> Any:
+    """A deterministic object of about `size` bytes (content depends on kind and size)."""
+    data = random.Random(f"{kind}:{size}").randbytes(size)
+    if kind == "bytes":
+        return data
+    if kind == "bytearray":
+        return bytearray(data)
+    if kind == "ndarray":
+        import numpy as np
+
+        return np.frombuffer(data, dtype=np.uint8).view(np.int32).reshape(-1, 256).copy()
+    if kind == "ndarray_fortran":
+        import numpy as np
+
+        return np.asfortranarray(np.frombuffer(data, dtype=np.uint8).view(np.int64).reshape(-1, 128))
+    if kind == "ndarray_strided":
+        import numpy as np
+
+        # Not contiguous: pickled in band rather than out of band.
+        return np.frombuffer(data, dtype=np.uint8).view(np.int16)[::3]
+    if kind == "many_bytearrays":
+        # More out-of-band buffers than one writev() takes (IOV_MAX is 1024).
+        chunk = 16 * 1024
+        return [bytearray(data[i : i + chunk]) for i in range(0, size, chunk)]
+    raise ValueError(kind)
+
+
+def payload_digest(obj: Any) -> tuple[str, str]:
+    """(type description, sha256) of a payload, comparable across processes."""
+    if isinstance(obj, (bytes, bytearray)):
+        return type(obj).__name__, hashlib.sha256(obj).hexdigest()
+    if isinstance(obj, list):
+        h = hashlib.sha256()
+        for part in obj:
+            assert isinstance(part, bytearray), type(part)
+            h.update(part)
+        return f"list[bytearray]x{len(obj)}", h.hexdigest()
+    import numpy as np
+
+    assert isinstance(obj, np.ndarray), type(obj)
+    desc = f"ndarray {obj.dtype} {obj.shape}"
+    return desc, hashlib.sha256(np.ascontiguousarray(obj).tobytes()).hexdigest()
+
+
+def put_payloads(q: Any, specs: list[tuple[str, int]]) -> None:
+    """Put each payload described by specs, in order."""
+    for kind, size in specs:
+        q.put(make_payload(kind, size), timeout=CHILD_TIMEOUT)
+
+
+def check_payloads(q: Any, specs: list[tuple[str, int]], results: Any) -> None:
+    """Get one payload per spec and report the mismatches (an empty list if none)."""
+    bad = []
+    for kind, size in specs:
+        got = q.get(timeout=CHILD_TIMEOUT)
+        if payload_digest(got) != payload_digest(make_payload(kind, size)):
+            bad.append((kind, size, payload_digest(got)[0]))
+    results.put(bad, timeout=CHILD_TIMEOUT)
+
+
+# -- simple round trips
+
+
+def echo(q_in: Any, q_out: Any, tag: str) -> None:
+    """Get one item, send back (tag, item, pid)."""
+    item = q_in.get(timeout=CHILD_TIMEOUT)
+    q_out.put((tag, item, os.getpid()), timeout=CHILD_TIMEOUT)
+
+
+def put_one(q: Any, item: Any) -> None:
+    q.put(item, timeout=CHILD_TIMEOUT)
+
+
+def report_fds(q: Any, results: Any) -> None:
+    """Report whether the fds this child received for q are inheritable."""
+    ch = q._channel
+    fds = [ch.fileno(), ch.writer_fileno()]
+    results.put([os.get_inheritable(fd) for fd in fds], timeout=CHILD_TIMEOUT)
+
+
+# -- producers and consumers
+
+
+def producer(q: Any, producer_id: int, n: int) -> None:
+    for seq in range(n):
+        q.put((producer_id, seq), timeout=CHILD_TIMEOUT)
+
+
+def consumer(q: Any, results: Any, consumer_id: int) -> None:
+    """Get (producer_id, seq) items until a None sentinel; report them per producer."""
+    seen: dict[int, list[int]] = {}
+    while True:
+        item = q.get(timeout=CHILD_TIMEOUT)
+        if item is None:
+            break
+        pid, seq = item
+        seen.setdefault(pid, []).append(seq)
+    results.put((consumer_id, seen), timeout=CHILD_TIMEOUT)
+
+
+# -- ProcessPoolExecutor
+
+_pool_queue: Any = None
+
+
+def pool_init(q: Any) -> None:
+    global _pool_queue
+    _pool_queue = q
+
+
+def pool_task(task_id: int, n: int) -> int:
+    assert _pool_queue is not None, "initializer did not run"
+    for j in range(n):
+        _pool_queue.put((task_id, j), timeout=CHILD_TIMEOUT)
+    return os.getpid()
+
+
+# -- processes that die at a bad moment
+
+
+def get_loop_then_block(q: Any, acks: Any) -> None:
+    """Answer one ping, then block in get() until killed."""
+    q.get(timeout=CHILD_TIMEOUT)
+    acks.put("pong", timeout=CHILD_TIMEOUT)
+    q.get(timeout=CHILD_TIMEOUT)
+    sys.exit(3)  # only reached if the parent never killed us
+
+
+def put_oversized(q: Any, size: int) -> None:
+    """Put a frame larger than the pipe with nobody reading: blocks mid-frame."""
+    q.put(b"\x01" * size, timeout=CHILD_TIMEOUT)
+    sys.exit(3)  # only reached if the parent never killed us
