@@ -1,16 +1,8 @@
 # cython: language_level=3, embedsignature=True
 """Compiled core of pipeq: whole pickled frames over a pipe, under shared locks.
 
-Wire format (shared with the pure core, so both can use one queue):
-
-    header  16 bytes  b"pq", version, flags, u32 n_buffers, u64 body length
-    body    length    [u64 x n_buffers lengths] pickle [buffers...]
-                      or, with FLAG_RAW, the bytes object itself
-    trailer 1 byte    COMMIT, or TORN for a frame its writer abandoned
-
-All integers are little-endian.  Shared state (locks, counters, the state of
-a frame in flight) lives in one page of shared memory; see _shm.py for the
-layout, which both cores follow.
+The wire format and the shared page's layout are described in _shm.py; the
+pure core follows the same ones, so both can serve one queue.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -21,7 +13,6 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
-import errno as _errno
 import os
 import queue
 from io import BytesIO
@@ -150,6 +141,9 @@ cdef extern from "<errno.h>" nogil:
     int errno
     int EINTR, EAGAIN, EWOULDBLOCK, EBUSY, ETIMEDOUT
 
+cdef extern from "<limits.h>":
+    int PIPE_BUF
+
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
         int fd
@@ -168,15 +162,10 @@ cdef extern from "<sys/uio.h>" nogil:
 cdef extern from "<unistd.h>" nogil:
     ssize_t read(int fd, void *buf, size_t count)
     ssize_t write(int fd, const void *buf, size_t count)
+    int close(int fd)
 
 cdef extern from "<sys/mman.h>" nogil:
     int munmap(void *addr, size_t length)
-
-cdef extern from "<limits.h>":
-    int PIPE_BUF
-
-cdef extern from "<unistd.h>" nogil:
-    int close(int fd)
 
 cdef extern from "<time.h>" nogil:
     struct timespec:
@@ -184,15 +173,20 @@ cdef extern from "<time.h>" nogil:
         long tv_nsec
     int nanosleep(const timespec *req, timespec *rem)
 
-# Frame format; _shm.py holds the same numbers for the pure core.
 cdef enum:
     HDR = 16
     IOV_CAP = 1024
-    ZERO_CHUNK = 65536
-    LOCKED = 0
+    SCRATCH = 65536
     TIMED_OUT = 2
-cdef uint8_t TRAILER_COMMIT = _shm.TRAILER_COMMIT
-cdef uint8_t TRAILER_TORN = _shm.TRAILER_TORN
+    # _read_span results
+    SPAN_TORN = 0
+    SPAN_MORE = 1
+    SPAN_END = 2
+
+cdef uint64_t CHUNK = _shm.CHUNK
+cdef uint8_t MARK_CONT = _shm.MARK_CONT
+cdef uint8_t MARK_COMMIT = _shm.MARK_COMMIT
+cdef uint8_t MARK_TORN = _shm.MARK_TORN
 cdef uint8_t FLAG_OOB = _shm.FLAG_OOB
 cdef uint8_t FLAG_RAW = _shm.FLAG_RAW
 cdef uint8_t KNOWN_FLAGS = FLAG_OOB | FLAG_RAW
@@ -200,15 +194,13 @@ cdef uint8_t VERSION = _shm.VERSION
 cdef Py_ssize_t OOB_MIN = _shm.OOB_MIN
 cdef uint64_t MAX_BODY = _shm.MAX_BODY
 
-# Offsets into the shared page (see _shm.py).
 cdef size_t SHM_SIZE = _shm.SHM_SIZE
 cdef size_t O_PUTS = _shm.O_PUTS
-cdef size_t O_GETS = _shm.O_GETS
-cdef size_t O_WR_PENDING = _shm.O_WR_PENDING
-cdef size_t O_WR_TOTAL = _shm.O_WR_TOTAL
+cdef size_t O_WR_POS = _shm.O_WR_POS
+cdef size_t O_WR_END = _shm.O_WR_END
 cdef size_t O_WR_HDR = _shm.O_WR_HDR
-cdef size_t O_RD_PENDING = _shm.O_RD_PENDING
-cdef size_t O_RD_GOT = _shm.O_RD_GOT
+cdef size_t O_GETS = _shm.O_GETS
+cdef size_t O_RD_POS = _shm.O_RD_POS
 cdef size_t O_RD_HDR = _shm.O_RD_HDR
 cdef size_t O_WLOCK = _shm.O_WLOCK
 cdef size_t O_RLOCK = _shm.O_RLOCK
@@ -218,10 +210,10 @@ cdef int64_t LOCK_SLICE_NS = 50_000_000
 # A reader in the middle of a frame looks this often for an abandoned writer.
 cdef int64_t MIDFRAME_SLICE_NS = 20_000_000
 
-# Filler for torn frames (stays zero), and a sink for bytes being skipped.
-cdef uint8_t _zeros[ZERO_CHUNK]
-cdef uint8_t _scratch[ZERO_CHUNK]
-memset(_zeros, 0, ZERO_CHUNK)
+# Filler for torn chunks (stays zero), and a sink for bytes being skipped.
+cdef uint8_t _zeros[SCRATCH]
+cdef uint8_t _scratch[SCRATCH]
+memset(_zeros, 0, SCRATCH)
 
 
 cdef inline int64_t _deadline(object timeout) except? -2:
@@ -252,6 +244,19 @@ cdef inline uint64_t _get_u64(const uint8_t *p) noexcept nogil:
 
 cdef inline uint32_t _get_u32(const uint8_t *p) noexcept nogil:
     return p[0] | (p[1] << 8) | (p[2] << 16) | (<uint32_t>p[3] << 24)
+
+
+cdef inline uint64_t _nchunks(uint64_t length) noexcept nogil:
+    return 1 if length == 0 else (length + CHUNK - 1) // CHUNK
+
+
+cdef inline uint64_t _next_mark(uint64_t pos, uint64_t length) noexcept nogil:
+    """Wire offset of the first marker at or after wire offset pos >= HDR."""
+    cdef uint64_t k = (pos - HDR) // (CHUNK + 1)
+    cdef uint64_t clen = length - k * CHUNK
+    if clen > CHUNK:
+        clen = CHUNK
+    return HDR + k * (CHUNK + 1) + clen
 
 
 cdef int _raise_errno(int err) except -1:
@@ -367,14 +372,13 @@ cdef class Channel:
         return 0
 
     # -- counters ---------------------------------------------------------
+    # The shared page stays mapped until the Channel is collected, so the
+    # counters can be read after close(), as the stdlib's semaphore can.
 
     cdef inline int64_t _count(self) noexcept:
         cdef uint64_t p = pq_load(self._shm + O_PUTS)
         cdef uint64_t g = pq_load(self._shm + O_GETS)
         return <int64_t>(p - g)
-
-    # The shared page stays mapped until the Channel is collected, so the
-    # counters can be read after close(), as the stdlib's semaphore can.
 
     def qsize(self):
         """Frames in the pipe, counting one being written."""
@@ -416,7 +420,8 @@ cdef class Channel:
             PyErr_CheckSignals()
 
     cdef int _lock(self, size_t off, int64_t deadline) except -1:
-        """LOCKED, PQ_OWNERDEAD (locked, last owner died) or TIMED_OUT."""
+        """0 or PQ_OWNERDEAD once locked (the latter: its last owner died
+        holding it); TIMED_OUT if the deadline passed first."""
         cdef void *m = self._shm + off
         cdef int rc = pq_mutex_trylock(m)
         cdef int64_t left, ns
@@ -447,15 +452,17 @@ cdef class Channel:
         self._check()
         cdef int64_t deadline = _deadline(timeout)
         cdef uint8_t hdr[HDR]
-        cdef uint8_t trailer = TRAILER_COMMIT
         cdef Py_buffer *views = NULL
+        cdef iovec *segs = NULL
         cdef iovec *iov = NULL
-        cdef uint64_t *table = NULL
-        cdef Py_ssize_t nviews = 0, i
-        cdef uint64_t body = 0, total
+        cdef uint8_t *table = NULL
+        cdef Py_ssize_t nviews = 0, nsegs = 0, i
+        cdef uint64_t length = 0, take, filled = 0
         cdef uint8_t flags = 0
         cdef uint32_t nbuf = 0
         cdef int niov = 0
+        cdef char *base
+        cdef size_t left
 
         # Pickle before taking any lock: a failure leaves the queue untouched.
         if type(obj) is bytes:
@@ -468,38 +475,62 @@ cdef class Channel:
             parts = [sink.getbuffer()]
             if collector.views:
                 flags = FLAG_OOB
-                parts.extend(collector.views)
                 nbuf = len(collector.views)
+                parts.extend(collector.views)
 
         try:
+            # Body segments: [length table,] pickle or bytes, [buffers...]
             views = <Py_buffer *>PyMem_Malloc(len(parts) * sizeof(Py_buffer))
-            iov = <iovec *>PyMem_Malloc((len(parts) + 3) * sizeof(iovec))
-            if views == NULL or iov == NULL:
+            segs = <iovec *>PyMem_Malloc((len(parts) + 1) * sizeof(iovec))
+            table = <uint8_t *>PyMem_Malloc(nbuf * 8 + 1)
+            if views == NULL or segs == NULL or table == NULL:
                 raise MemoryError()
+            if nbuf:
+                segs[0].iov_base = table
+                segs[0].iov_len = nbuf * 8
+                nsegs = 1
             for part in parts:
                 PyObject_GetBuffer(part, &views[nviews], PyBUF_SIMPLE)
-                body += <uint64_t>views[nviews].len
+                segs[nsegs].iov_base = views[nviews].buf
+                segs[nsegs].iov_len = views[nviews].len
                 nviews += 1
-            iov[niov].iov_base = hdr
-            iov[niov].iov_len = HDR
-            niov += 1
-            if nbuf:
-                table = <uint64_t *>PyMem_Malloc(nbuf * 8)
-                if table == NULL:
-                    raise MemoryError()
-                for i in range(nbuf):
-                    _put_u64(<uint8_t *>&table[i], <uint64_t>views[i + 1].len)
-                iov[niov].iov_base = table
-                iov[niov].iov_len = nbuf * 8
-                niov += 1
-                body += nbuf * 8
-            for i in range(nviews):
-                iov[niov].iov_base = views[i].buf
-                iov[niov].iov_len = views[i].len
-                niov += 1
-            iov[niov].iov_base = &trailer
+                nsegs += 1
+            for i in range(nbuf):
+                _put_u64(table + 8 * i, <uint64_t>views[1 + i].len)
+            for i in range(nsegs):
+                length += segs[i].iov_len
+
+            # Header, the segments cut at every CHUNK bytes by a CONT marker,
+            # and the COMMIT marker.
+            iov = <iovec *>PyMem_Malloc(
+                (2 + nsegs + 2 * _nchunks(length)) * sizeof(iovec))
+            if iov == NULL:
+                raise MemoryError()
+            iov[0].iov_base = hdr
+            iov[0].iov_len = HDR
+            niov = 1
+            for i in range(nsegs):
+                base = <char *>segs[i].iov_base
+                left = segs[i].iov_len
+                while left:
+                    if filled == CHUNK:
+                        iov[niov].iov_base = &MARK_CONT
+                        iov[niov].iov_len = 1
+                        niov += 1
+                        filled = 0
+                    take = CHUNK - filled
+                    if take > left:
+                        take = left
+                    iov[niov].iov_base = base
+                    iov[niov].iov_len = take
+                    niov += 1
+                    base += take
+                    left -= take
+                    filled += take
+            iov[niov].iov_base = &MARK_COMMIT
             iov[niov].iov_len = 1
             niov += 1
+
             hdr[0] = 0x70  # 'p'
             hdr[1] = 0x71  # 'q'
             hdr[2] = VERSION
@@ -508,13 +539,13 @@ cdef class Channel:
             hdr[5] = (nbuf >> 8) & 0xff
             hdr[6] = (nbuf >> 16) & 0xff
             hdr[7] = (nbuf >> 24) & 0xff
-            _put_u64(hdr + 8, body)
-            total = HDR + body + 1
-            self._put_frame(hdr, iov, niov, total, deadline)
+            _put_u64(hdr + 8, length)
+            self._put_frame(hdr, iov, niov, HDR + length + _nchunks(length), deadline)
         finally:
             for i in range(nviews):
                 PyBuffer_Release(&views[i])
             PyMem_Free(views)
+            PyMem_Free(segs)
             PyMem_Free(iov)
             PyMem_Free(table)
 
@@ -540,24 +571,25 @@ cdef class Channel:
                 raise queue.Full
             shm = self._shm
             try:
-                if pq_load(shm + O_WR_PENDING) and not self._pay_debt(deadline):
+                if pq_load(shm + O_WR_END) and not self._pay_debt(deadline):
                     raise queue.Full
                 if self.maxsize > 0 and self._count() >= self.maxsize:
                     continue  # another producer took the last slot
                 if sized and not self._has_room(total):
                     continue
                 # Record the frame before its first byte moves, so that whoever
-                # takes the lock after us can complete it if we stop midway.
+                # takes the lock after us can end it if we stop midway.
                 memcpy(shm + O_WR_HDR, hdr, HDR)
-                pq_store(shm + O_WR_TOTAL, total)
-                pq_store(shm + O_WR_PENDING, total)
+                pq_store(shm + O_WR_POS, 0)
+                pq_store(shm + O_WR_END, total)
                 pq_store(shm + O_PUTS, pq_load(shm + O_PUTS) + 1)
                 r = self._write_iov(iov, niov, deadline, True)
                 if r == 1:
+                    pq_store(shm + O_WR_END, 0)
                     return 0
                 if r == 0:
                     raise queue.Full
-                # r == 2: the pipe was full before our first byte; the frame
+                # r == 2: the pipe was full before our first byte and the frame
                 # was taken back.  Wait for space without the lock.
             finally:
                 self._unlock(O_WLOCK)
@@ -595,12 +627,12 @@ cdef class Channel:
 
     cdef int _write_iov(self, iovec *iov, int niov, int64_t deadline,
                         bint frame) except -1:
-        """Write all of iov, holding the write lock.  1 when done; 0 when the
-        deadline passed; 2 when a frame's first write found the pipe full.
-        A frame stopped after its first byte stays in the shared state as
-        debt; one stopped before it is taken back."""
+        """Write all of iov, holding the write lock, counting progress in
+        WR_POS.  1 when done; 0 when the deadline passed; 2 when a frame's
+        first write found the pipe full.  A frame stopped after its first
+        byte is left as debt for the next lock holder; one stopped before it
+        is taken back."""
         cdef uint8_t *shm = self._shm
-        cdef uint64_t done = 0
         cdef ssize_t n
         cdef int err, i = 0, cnt
         cdef bint ok = False
@@ -613,23 +645,12 @@ cdef class Channel:
                     n = writev(self._wfd, iov + i, cnt)
                     err = errno
                 if n > 0:
-                    done += <uint64_t>n
-                    pq_store(shm + O_WR_PENDING, pq_load(shm + O_WR_PENDING) - <uint64_t>n)
-                    while n > 0:
-                        if <size_t>n >= iov[i].iov_len:
-                            n -= iov[i].iov_len
-                            i += 1
-                        else:
-                            iov[i].iov_base = <char *>iov[i].iov_base + n
-                            iov[i].iov_len -= n
-                            n = 0
-                    while i < niov and iov[i].iov_len == 0:
-                        i += 1
-                    continue
-                if n < 0 and err == EINTR:
+                    pq_store(shm + O_WR_POS, pq_load(shm + O_WR_POS) + <uint64_t>n)
+                    i = _advance(iov, niov, i, n)
+                elif n < 0 and err == EINTR:
                     PyErr_CheckSignals()
                 elif n < 0 and (err == EAGAIN or err == EWOULDBLOCK):
-                    if frame and done == 0:
+                    if frame and pq_load(shm + O_WR_POS) == 0:
                         return 2
                     if not self._wait_fd(self._wfd, POLLOUT, deadline):
                         return 0
@@ -638,48 +659,49 @@ cdef class Channel:
             ok = True
             return 1
         finally:
-            if not ok and frame and done == 0:
+            if not ok and frame and pq_load(shm + O_WR_POS) == 0:
                 # Nothing of this frame reached the pipe: it never existed.
-                pq_store(shm + O_WR_PENDING, 0)
+                pq_store(shm + O_WR_END, 0)
                 pq_store(shm + O_PUTS, pq_load(shm + O_PUTS) - 1)
 
     cdef int _pay_debt(self, int64_t deadline) except -1:
-        """Complete a frame that an earlier writer left unfinished, marking it
-        torn so that readers drop it.  Holding the write lock."""
+        """End a frame that an earlier writer left unfinished: fill up the
+        chunk it stopped in and mark the frame TORN.  At most one chunk of
+        filler.  Holding the write lock; 0 if the deadline passed first."""
         cdef uint8_t *shm = self._shm
-        cdef uint64_t pending, total, written, n
-        cdef iovec iov[3]
-        cdef uint8_t torn = TRAILER_TORN
+        cdef uint64_t pos, mark, n, length = _get_u64(shm + O_WR_HDR + 8)
+        cdef iovec iov[2]
         cdef int niov
-        while True:
-            pending = pq_load(shm + O_WR_PENDING)
-            if pending == 0:
-                return 1
-            total = pq_load(shm + O_WR_TOTAL)
-            written = total - pending
+        while pq_load(shm + O_WR_END):
+            pos = pq_load(shm + O_WR_POS)
+            if pos >= pq_load(shm + O_WR_END):
+                # Its writer was killed after its last byte: nothing is owed.
+                pq_store(shm + O_WR_END, 0)
+                break
             niov = 0
-            if written < HDR:
-                iov[niov].iov_base = shm + O_WR_HDR + written
-                iov[niov].iov_len = HDR - written
-                niov += 1
-                pending -= HDR - written
-            if pending > 1:
-                n = pending - 1
-                if n > ZERO_CHUNK:
-                    n = ZERO_CHUNK
-                iov[niov].iov_base = _zeros
-                iov[niov].iov_len = n
-                niov += 1
+            if pos < HDR:
+                iov[0].iov_base = shm + O_WR_HDR + pos
+                iov[0].iov_len = HDR - pos
+                niov = 1
             else:
-                iov[niov].iov_base = &torn
-                iov[niov].iov_len = 1
-                niov += 1
+                mark = _next_mark(pos, length)
+                if pos < mark:
+                    n = mark - pos
+                    iov[0].iov_base = _zeros
+                    iov[0].iov_len = n if n < SCRATCH else SCRATCH
+                else:
+                    iov[0].iov_base = &MARK_TORN
+                    iov[0].iov_len = 1
+                niov = 1
             if not self._write_iov(iov, niov, deadline, False):
                 return 0
+            if pos >= HDR and pos == _next_mark(pos, length):
+                pq_store(shm + O_WR_END, 0)  # the TORN marker is out
+        return 1
 
     cdef int _wait_room(self, int64_t deadline) except -1:
         """Wait for a get() to free a slot (maxsize > 0).  0 on timeout."""
-        cdef char b
+        cdef char b = 0
         if not self._wait_fd(self._nrfd, POLLIN, deadline):
             return 0
         with nogil:
@@ -731,25 +753,30 @@ cdef class Channel:
             with nogil:
                 write(self._nwfd, &b, 1)
 
+    cdef void _frame_done(self) noexcept:
+        # Whether the queue was full is judged at the increment itself: a
+        # producer that saw it full is then sure to be woken by someone.
+        cdef uint8_t *shm = self._shm
+        cdef uint64_t g = pq_load(shm + O_GETS)
+        if self.maxsize > 0 and <int64_t>(pq_load(shm + O_PUTS) - g) >= self.maxsize:
+            self._nfull += 1
+        pq_store(shm + O_RD_POS, 0)
+        pq_store(shm + O_GETS, g + 1)
+
     cdef object _read_frame(self):
         """Holding the read lock: None if the pipe is empty, False for a torn
-        frame, else (data, buffers-or-None).  Updates gets."""
+        frame, else (data, buffers or None)."""
         cdef uint8_t *shm = self._shm
-        cdef uint8_t *h = shm + O_RD_HDR
-        cdef uint64_t got, body, pending
-        cdef uint32_t nbuf
-        cdef uint8_t flags
         cdef ssize_t n
         cdef int err
-
-        # Leftovers of a reader that died or was interrupted mid-frame.
-        if pq_load(shm + O_RD_GOT) or pq_load(shm + O_RD_PENDING):
-            self._drop_leftover()
-
-        # The header goes straight into shared memory, so a successor can
-        # finish this frame if we stop partway through it.
+        # The rest of a frame that a reader before us began and never
+        # finished (it was killed or interrupted): it is dropped.
+        if pq_load(shm + O_RD_POS):
+            self._skip_frame()
+        # The header goes straight into shared memory, so that a successor
+        # can finish this frame if we stop partway through it.
         with nogil:
-            n = read(self._rfd, h, HDR)
+            n = read(self._rfd, shm + O_RD_HDR, HDR)
             err = errno
         if n < 0:
             if err == EAGAIN or err == EWOULDBLOCK:
@@ -760,137 +787,150 @@ cdef class Channel:
             _raise_errno(err)
         if n == 0:
             raise EOFError("pipeq: every write end of the pipe is closed")
-        pq_store(shm + O_RD_GOT, <uint64_t>n)
+        pq_store(shm + O_RD_POS, <uint64_t>n)
         if n < HDR and not self._finish_header():
-            self._consumed_under_lock()
+            self._frame_done()
             return False
-        body = self._check_header(h)
-        pq_store(shm + O_RD_GOT, 0)
-        pq_store(shm + O_RD_PENDING, body + 1)
-        flags = h[3]
-        nbuf = _get_u32(h + 4)
-        frame = self._read_body(flags, nbuf, body)
-        self._consumed_under_lock()
-        return frame
-
-    cdef uint64_t _check_header(self, const uint8_t *h) except? 0xFFFFFFFFFFFFFFFF:
-        cdef uint64_t body = _get_u64(h + 8)
-        cdef uint32_t nbuf = _get_u32(h + 4)
-        if (h[0] != 0x70 or h[1] != 0x71 or h[2] != VERSION
-                or (h[3] & ~KNOWN_FLAGS) or body > MAX_BODY
-                or (nbuf and not (h[3] & FLAG_OOB))
-                or (<uint64_t>nbuf) * 8 > body):
-            pq_store(self._shm + O_RD_GOT, 0)
-            raise StreamError(
-                f"pipeq: not a pipeq frame header: {bytes(h[:HDR])!r}; "
-                "something else wrote into the queue's pipe")
-        return body
+        return self._read_body()
 
     cdef int _finish_header(self) except -1:
-        """Read the rest of a partial header.  0 if its writer abandoned the
-        frame (it is dropped), 1 when the header is complete."""
+        """Read the rest of a partial header and check it.  0 if its writer
+        abandoned the frame (which is then dropped), else 1."""
         cdef uint8_t *shm = self._shm
         cdef iovec iov
-        cdef uint64_t got = pq_load(shm + O_RD_GOT)
-        iov.iov_base = shm + O_RD_HDR + got
-        iov.iov_len = HDR - got
-        return self._read_iov(&iov, 1, O_RD_GOT, True)
+        cdef uint64_t pos = pq_load(shm + O_RD_POS)
+        if pos < HDR:
+            iov.iov_base = shm + O_RD_HDR + pos
+            iov.iov_len = HDR - pos
+            if not self._read_iov(&iov, 1):
+                return 0
+        return 1
 
-    cdef object _read_body(self, uint8_t flags, uint32_t nbuf, uint64_t body):
-        cdef uint8_t trailer = 0
-        cdef iovec small[3]
-        cdef iovec *iov = small
+    cdef uint64_t _header_length(self) except? 0xFFFFFFFFFFFFFFFF:
+        cdef const uint8_t *h = self._shm + O_RD_HDR
+        cdef uint64_t length = _get_u64(h + 8)
+        cdef uint32_t nbuf = _get_u32(h + 4)
+        if (h[0] != 0x70 or h[1] != 0x71 or h[2] != VERSION
+                or (h[3] & ~KNOWN_FLAGS) or length > MAX_BODY
+                or (nbuf != 0) != ((h[3] & FLAG_OOB) != 0)
+                or (<uint64_t>nbuf) * 8 > length):
+            pq_store(self._shm + O_RD_POS, 0)
+            raise StreamError(
+                f"pipeq: not a pipeq frame header: {bytes(h[:HDR])!r}; "
+                "something other than pipeq wrote into the queue's pipe")
+        return length
+
+    cdef object _read_body(self):
+        cdef uint8_t *shm = self._shm
+        cdef uint64_t length = self._header_length()
+        cdef uint8_t flags = shm[O_RD_HDR + 3]
+        cdef uint32_t nbuf = _get_u32(shm + O_RD_HDR + 4)
         cdef uint8_t *table = NULL
-        cdef uint64_t rest = body, blen
+        cdef uint64_t rest = length, blen
         cdef uint32_t i
-        cdef int niov = 0
+        cdef int r
         buffers = None
         try:
             if nbuf:
                 table = <uint8_t *>PyMem_Malloc(nbuf * 8)
                 if table == NULL:
                     raise MemoryError()
-                small[0].iov_base = table
-                small[0].iov_len = nbuf * 8
-                if not self._read_iov(small, 1, O_RD_PENDING, False):
-                    return self._torn()
+                r = self._read_span(<char *>table, nbuf * 8, length)
+                if r != SPAN_MORE:
+                    return self._torn_or_bad(r)
                 rest -= nbuf * 8
                 buffers = []
                 for i in range(nbuf):
                     blen = _get_u64(table + 8 * i)
                     if blen > rest:
-                        pq_store(self._shm + O_RD_PENDING, rest + 1)
                         raise StreamError("pipeq: buffer table exceeds the frame")
                     rest -= blen
                     buffers.append(PyByteArray_FromStringAndSize(NULL, blen))
-                iov = <iovec *>PyMem_Malloc((nbuf + 2) * sizeof(iovec))
-                if iov == NULL:
-                    raise MemoryError()
-            data = PyBytes_FromStringAndSize(NULL, rest)
-            iov[0].iov_base = PyBytes_AS_STRING(data)
-            iov[0].iov_len = rest
-            niov = 1
-            if buffers is not None:
-                for b in buffers:
-                    iov[niov].iov_base = PyByteArray_AS_STRING(b)
-                    iov[niov].iov_len = len(b)
-                    niov += 1
-            iov[niov].iov_base = &trailer
-            iov[niov].iov_len = 1
-            niov += 1
-            if not self._read_iov(iov, niov, O_RD_PENDING, False):
-                return self._torn()
         finally:
-            if iov != small:
-                PyMem_Free(iov)
             PyMem_Free(table)
-        if trailer == TRAILER_TORN:
-            return False
-        if trailer != TRAILER_COMMIT:
-            raise StreamError(f"pipeq: bad frame trailer {trailer:#04x}")
+        # Fresh objects, read into directly: no copy on this side.
+        data = PyBytes_FromStringAndSize(NULL, rest)
+        r = self._read_span(PyBytes_AS_STRING(data), rest, length)
+        if buffers is not None:
+            for buf in buffers:
+                if r != SPAN_MORE:
+                    break
+                r = self._read_span(PyByteArray_AS_STRING(buf), len(buf), length)
+        if r == SPAN_MORE:
+            r = self._read_span(NULL, 0, length)  # the COMMIT marker itself
+        if r != SPAN_END:
+            return self._torn_or_bad(r)
+        self._frame_done()
         if flags & FLAG_RAW:
             return data, None
         return data, (buffers if buffers is not None else ())
 
-    cdef object _torn(self):
-        pq_store(self._shm + O_RD_PENDING, 0)
-        return False
+    cdef object _torn_or_bad(self, int r):
+        if r == SPAN_TORN:
+            self._frame_done()
+            return False
+        pq_store(self._shm + O_RD_POS, 0)
+        raise StreamError("pipeq: frame ended before its declared length")
 
-    cdef int _drop_leftover(self) except -1:
-        """Discard the rest of a frame that a previous reader began."""
+    cdef int _read_span(self, char *dst, uint64_t n, uint64_t length) except -1:
+        """Read the next n body bytes into dst, and with them any marker
+        they reach.  SPAN_MORE when they are read and the frame goes on,
+        SPAN_END when they end it with COMMIT, SPAN_TORN when it was torn."""
         cdef uint8_t *shm = self._shm
-        cdef uint64_t pending
-        cdef iovec iov
-        if pq_load(shm + O_RD_GOT):
-            if not self._finish_header():
-                self._consumed_under_lock()
-                return 0
-            pq_store(shm + O_RD_PENDING, self._check_header(shm + O_RD_HDR) + 1)
-            pq_store(shm + O_RD_GOT, 0)
+        cdef uint64_t pos, mark, take
+        cdef uint8_t marker = 0
+        cdef iovec iov[2]
+        cdef int niov
         while True:
-            pending = pq_load(shm + O_RD_PENDING)
-            if pending == 0:
-                break
-            iov.iov_base = _scratch
-            iov.iov_len = pending if pending < ZERO_CHUNK else ZERO_CHUNK
-            if not self._read_iov(&iov, 1, O_RD_PENDING, False):
-                break
-        pq_store(shm + O_RD_PENDING, 0)
-        self._consumed_under_lock()
+            pos = pq_load(shm + O_RD_POS)
+            mark = _next_mark(pos, length)
+            take = mark - pos
+            if take > n:
+                take = n
+            niov = 0
+            if take:
+                iov[0].iov_base = dst
+                iov[0].iov_len = take
+                niov = 1
+            if pos + take == mark:
+                iov[niov].iov_base = &marker
+                iov[niov].iov_len = 1
+                niov += 1
+            elif n == 0:
+                return SPAN_MORE
+            if not self._read_iov(iov, niov):
+                return SPAN_TORN
+            if dst != NULL:
+                dst += take
+            n -= take
+            if pos + take == mark:
+                if marker == MARK_TORN:
+                    return SPAN_TORN
+                if mark == HDR + length + _nchunks(length) - 1:
+                    if marker != MARK_COMMIT or n:
+                        raise StreamError(f"pipeq: bad end-of-frame marker {marker:#04x}")
+                    return SPAN_END
+                if marker != MARK_CONT:
+                    raise StreamError(f"pipeq: bad chunk marker {marker:#04x}")
+            if n == 0:
+                return SPAN_MORE
+
+    cdef int _skip_frame(self) except -1:
+        """Drop the rest of a frame that another reader began."""
+        cdef uint64_t length
+        cdef int r = SPAN_MORE
+        if not self._finish_header():
+            self._frame_done()
+            return 0
+        length = self._header_length()
+        while r == SPAN_MORE:
+            r = self._read_span(<char *>_scratch, SCRATCH, length)
+        self._frame_done()
         return 0
 
-    cdef void _consumed_under_lock(self) noexcept:
-        # Whether the queue was full is judged at the increment itself: a
-        # producer that saw it full is then sure to be woken by someone.
-        cdef uint64_t g = pq_load(self._shm + O_GETS)
-        if self.maxsize > 0 and <int64_t>(pq_load(self._shm + O_PUTS) - g) >= self.maxsize:
-            self._nfull += 1
-        pq_store(self._shm + O_GETS, g + 1)
-
-    cdef int _read_iov(self, iovec *iov, int niov, size_t counter, bint header) except -1:
-        """Read all of iov, holding the read lock, counting progress down in
-        the shared counter at `counter` (up, for the header).  1 when done;
-        0 when the frame's writer abandoned it (the frame is torn)."""
+    cdef int _read_iov(self, iovec *iov, int niov) except -1:
+        """Read all of iov holding the read lock, counting progress in
+        RD_POS.  1 when done; 0 when the frame's writer abandoned it."""
         cdef uint8_t *shm = self._shm
         cdef ssize_t n
         cdef int err, i = 0, cnt
@@ -902,24 +942,11 @@ cdef class Channel:
                 n = readv(self._rfd, iov + i, cnt)
                 err = errno
             if n > 0:
-                if header:
-                    pq_store(shm + counter, pq_load(shm + counter) + <uint64_t>n)
-                else:
-                    pq_store(shm + counter, pq_load(shm + counter) - <uint64_t>n)
-                while n > 0:
-                    if <size_t>n >= iov[i].iov_len:
-                        n -= iov[i].iov_len
-                        i += 1
-                    else:
-                        iov[i].iov_base = <char *>iov[i].iov_base + n
-                        iov[i].iov_len -= n
-                        n = 0
-                while i < niov and iov[i].iov_len == 0:
-                    i += 1
-                continue
-            if n == 0:
+                pq_store(shm + O_RD_POS, pq_load(shm + O_RD_POS) + <uint64_t>n)
+                i = _advance(iov, niov, i, n)
+            elif n == 0:
                 raise EOFError("pipeq: every write end of the pipe is closed")
-            if err == EINTR:
+            elif err == EINTR:
                 PyErr_CheckSignals()
             elif err == EAGAIN or err == EWOULDBLOCK:
                 if self._writer_gone():
@@ -931,33 +958,42 @@ cdef class Channel:
 
     cdef int _writer_gone(self) except -1:
         """Mid-frame with an empty pipe: 1 if the frame's writer abandoned it
-        (then its debt is forgiven here), 0 if it is still writing."""
+        (its debt is then forgiven here), 0 if it is still writing."""
         cdef uint8_t *shm = self._shm
         cdef int st = pq_mutex_trylock(shm + O_WLOCK)
-        cdef uint64_t owed, expect, got
+        cdef uint64_t wpos, rpos
         if st != 0 and st != PQ_OWNERDEAD:
             return 0  # a live writer holds it and will write more
         try:
             if pq_fionread(self._rfd) != 0:
                 return 0
-            owed = pq_load(shm + O_WR_PENDING)
-            got = pq_load(shm + O_RD_GOT)
-            if got:
-                expect = HDR - got + _get_u64(shm + O_WR_HDR + 8) + 1
-            else:
-                expect = pq_load(shm + O_RD_PENDING)
-            if owed == 0 or owed != expect:
+            wpos = pq_load(shm + O_WR_POS)
+            rpos = pq_load(shm + O_RD_POS)
+            if pq_load(shm + O_WR_END) == 0 or wpos != rpos:
+                pq_store(shm + O_RD_POS, 0)
                 raise StreamError(
-                    f"pipeq: frame cut short ({expect} bytes missing, "
-                    f"{owed} owed by its writer)")
-            pq_store(shm + O_WR_PENDING, 0)
-            pq_store(shm + O_RD_GOT, 0)
-            pq_store(shm + O_RD_PENDING, 0)
+                    f"pipeq: frame cut short at byte {rpos}; its writer "
+                    f"{'finished it' if pq_load(shm + O_WR_END) == 0 else f'stopped at byte {wpos}'}")
+            pq_store(shm + O_WR_END, 0)
             return 1
         finally:
             self._unlock(O_WLOCK)
 
 
+cdef int _advance(iovec *iov, int niov, int i, ssize_t n) noexcept:
+    """Consume n bytes from iov[i:], return the index of the first entry
+    with bytes left."""
+    while n > 0:
+        if <size_t>n >= iov[i].iov_len:
+            n -= iov[i].iov_len
+            i += 1
+        else:
+            iov[i].iov_base = <char *>iov[i].iov_base + n
+            iov[i].iov_len -= n
+            n = 0
+    while i < niov and iov[i].iov_len == 0:
+        i += 1
+    return i
 
 
 def _rebuild(r, w, s, nr, nw, Py_ssize_t maxsize):

@@ -8,31 +8,48 @@ import struct
 import sys
 import tempfile
 
-# Frame: 16-byte header, body, 1-byte trailer (see _core_c.pyx).
+# A frame is a 16-byte header, then the body cut into chunks of at most
+# CHUNK bytes, each followed by a marker byte: CONT after every chunk but the
+# last, COMMIT after the last.  A writer that stops midway fills up the chunk
+# it was in and ends the frame there with TORN, so abandoning a frame costs at
+# most one chunk of filler and readers drop it whole.
 VERSION = 1
 HEADER = struct.Struct("<2sBBIQ")  # b"pq", version, flags, n_buffers, body length
+HDR = HEADER.size
 MAGIC = b"pq"
 FLAG_OOB = 0x01  # body = u64 length table, pickle, then out-of-band buffers
 FLAG_RAW = 0x02  # body = a bytes object, sent without pickling
-TRAILER_COMMIT = 0xC3
-TRAILER_TORN = 0x5A
+CHUNK = 1 << 20
+MARK_CONT = 0xA7
+MARK_COMMIT = 0xC3
+MARK_TORN = 0x5A
 OOB_MIN = 16 * 1024  # smaller pickle buffers are copied in band
 MAX_BODY = 1 << 48  # no sane frame is larger; a bigger length means garbage
 
+
+def chunks(length: int) -> int:
+    """Number of chunks (and so of marker bytes) in a body of `length` bytes."""
+    return max(1, -(-length // CHUNK))
+
+
+def wire_size(length: int) -> int:
+    return HDR + length + chunks(length)
+
+
 # The shared page.  Writer fields share one cache line, reader fields another;
-# the two process-shared mutexes sit on lines of their own.
+# the two process-shared mutexes sit on lines of their own.  Positions count
+# the wire bytes of the frame in flight, header included; 0 means none.
 SHM_SIZE = 4096
 SHM_MAGIC = 0x48535150  # "PQSH"
 O_MAGIC = 0  # u32
 O_LAYOUT = 4  # u32
 O_MAXSIZE = 8  # i64
 O_PUTS = 64  # u64, frames begun; written under the write lock
-O_WR_PENDING = 72  # u64, bytes of the last frame not yet in the pipe
-O_WR_TOTAL = 80  # u64, that frame's size
+O_WR_POS = 72  # u64, wire bytes of the last frame already in the pipe
+O_WR_END = 80  # u64, that frame's wire size, or 0 once it is complete
 O_WR_HDR = 88  # 16 bytes, that frame's header
 O_GETS = 128  # u64, frames consumed; written under the read lock
-O_RD_PENDING = 136  # u64, bytes of the current frame still unread
-O_RD_GOT = 144  # u64, header bytes read so far
+O_RD_POS = 136  # u64, wire bytes of the current frame already read
 O_RD_HDR = 152  # 16 bytes, the header being read
 O_WLOCK = 256
 O_RLOCK = 384
