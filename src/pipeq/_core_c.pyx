@@ -114,6 +114,9 @@ cdef extern from *:
     static void pq_store(void *p, uint64_t v) {
         __atomic_store_n((uint64_t *)p, v, __ATOMIC_RELEASE);
     }
+    static void pq_fence(void) {
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    }
 
     static int pq_fionread(int fd) {
         int n = 0;
@@ -134,6 +137,7 @@ cdef extern from *:
     void pq_mutex_unlock(void *p) nogil
     uint64_t pq_load(void *p) nogil
     void pq_store(void *p, uint64_t v) nogil
+    void pq_fence() nogil
     int pq_fionread(int fd) nogil
     void *pq_mmap(int fd, size_t size) nogil
 
@@ -199,6 +203,7 @@ cdef size_t O_PUTS = _shm.O_PUTS
 cdef size_t O_WR_POS = _shm.O_WR_POS
 cdef size_t O_WR_END = _shm.O_WR_END
 cdef size_t O_WR_HDR = _shm.O_WR_HDR
+cdef size_t O_WAITERS = _shm.O_WAITERS
 cdef size_t O_GETS = _shm.O_GETS
 cdef size_t O_RD_POS = _shm.O_RD_POS
 cdef size_t O_RD_HDR = _shm.O_RD_HDR
@@ -209,6 +214,11 @@ cdef size_t O_RLOCK = _shm.O_RLOCK
 cdef int64_t LOCK_SLICE_NS = 50_000_000
 # A reader in the middle of a frame looks this often for an abandoned writer.
 cdef int64_t MIDFRAME_SLICE_NS = 20_000_000
+# A producer waiting for room re-checks this often even without a wake-up
+# (the wake-up protocol is exact for the compiled core; this covers the rest).
+cdef int64_t ROOM_SLICE_NS = 100_000_000
+# Longest single poll(); longer waits loop (poll takes an int of ms).
+cdef int64_t MAX_POLL_MS = 86_400_000
 
 # Filler for torn chunks (stays zero), and a sink for bytes being skipped.
 cdef uint8_t _zeros[SCRATCH]
@@ -221,6 +231,8 @@ cdef inline int64_t _deadline(object timeout) except? -2:
     if timeout is None:
         return -1
     cdef double t = timeout
+    if t != t:
+        raise ValueError("timeout must be a number, not NaN")
     if t <= 0:
         return pq_now_ns()
     if t > 1e9:  # beyond 30 years: as good as forever
@@ -257,6 +269,16 @@ cdef inline uint64_t _next_mark(uint64_t pos, uint64_t length) noexcept nogil:
     if clen > CHUNK:
         clen = CHUNK
     return HDR + k * (CHUNK + 1) + clen
+
+
+cdef inline uint64_t _body_done(uint64_t pos, uint64_t length) noexcept nogil:
+    """Body bytes (markers not counted) before wire offset pos >= HDR."""
+    cdef uint64_t k = (pos - HDR) // (CHUNK + 1)
+    cdef uint64_t off = (pos - HDR) % (CHUNK + 1)
+    cdef uint64_t clen = length - k * CHUNK
+    if clen > CHUNK:
+        clen = CHUNK
+    return k * CHUNK + (off if off < clen else clen)
 
 
 cdef int _raise_errno(int err) except -1:
@@ -296,7 +318,6 @@ cdef class Channel:
     cdef readonly Py_ssize_t capacity
     cdef uint8_t *_shm
     cdef bint _closed
-    cdef int _nfull  # frames this get() took from a full queue
 
     def __cinit__(self):
         self._rfd = self._wfd = self._shmfd = self._nrfd = self._nwfd = -1
@@ -371,24 +392,34 @@ cdef class Channel:
             raise ValueError("channel is closed")
         return 0
 
+
     # -- counters ---------------------------------------------------------
     # The shared page stays mapped until the Channel is collected, so the
     # counters can be read after close(), as the stdlib's semaphore can.
 
     cdef inline int64_t _count(self) noexcept:
+        # Callers make sure the page is mapped (see _check_page).
         cdef uint64_t p = pq_load(self._shm + O_PUTS)
         cdef uint64_t g = pq_load(self._shm + O_GETS)
         return <int64_t>(p - g)
 
+    cdef inline int _check_page(self) except -1:
+        if self._shm == NULL:
+            raise ValueError("channel is not initialised")
+        return 0
+
     def qsize(self):
         """Frames in the pipe, counting one being written."""
+        self._check_page()
         cdef int64_t n = self._count()
         return n if n > 0 else 0
 
     def full(self):
+        self._check_page()
         return self.maxsize > 0 and self._count() >= self.maxsize
 
     def empty(self):
+        self._check_page()
         return self._count() <= 0
 
     # -- waiting ----------------------------------------------------------
@@ -405,7 +436,8 @@ cdef class Channel:
                 ms = -1
             else:
                 left = deadline - pq_now_ns()
-                ms = 0 if left <= 0 else <int>((left + 999_999) // 1_000_000)
+                left = 0 if left <= 0 else (left + 999_999) // 1_000_000
+                ms = <int>(left if left < MAX_POLL_MS else MAX_POLL_MS)
             with nogil:
                 rc = poll(&p, 1, ms)
                 err = errno
@@ -644,7 +676,7 @@ cdef class Channel:
                 with nogil:
                     n = writev(self._wfd, iov + i, cnt)
                     err = errno
-                if n > 0:
+                if n >= 0:
                     pq_store(shm + O_WR_POS, pq_load(shm + O_WR_POS) + <uint64_t>n)
                     i = _advance(iov, niov, i, n)
                 elif n < 0 and err == EINTR:
@@ -700,13 +732,42 @@ cdef class Channel:
         return 1
 
     cdef int _wait_room(self, int64_t deadline) except -1:
-        """Wait for a get() to free a slot (maxsize > 0).  0 on timeout."""
+        """Wait for a get() to free a slot (maxsize > 0).  0 on timeout.
+
+        A waiting producer is counted in WAITERS, changed only under the
+        write lock; every get() that sees a waiter writes one byte into the
+        notify pipe per frame it took.  The producer counts itself before it
+        looks at the queue's size and the getter bumps GETS before it looks
+        at WAITERS, so one of the two always sees the other."""
+        cdef uint8_t *shm = self._shm
         cdef char b = 0
-        if not self._wait_fd(self._nrfd, POLLIN, deadline):
+        cdef int64_t slice_end
+        cdef bint registered = False, full = False
+        if self._lock(O_WLOCK, deadline) == TIMED_OUT:
             return 0
-        with nogil:
-            read(self._nrfd, &b, 1)
-        return 1
+        try:
+            if self._count() >= self.maxsize:
+                pq_store(shm + O_WAITERS, pq_load(shm + O_WAITERS) + 1)
+                registered = True
+                pq_fence()
+                full = self._count() >= self.maxsize
+        finally:
+            self._unlock(O_WLOCK)
+        if not registered:
+            return 1
+        try:
+            if full:
+                slice_end = pq_now_ns() + ROOM_SLICE_NS
+                if deadline >= 0 and deadline < slice_end:
+                    slice_end = deadline
+                if self._wait_fd(self._nrfd, POLLIN, slice_end):
+                    with nogil:
+                        read(self._nrfd, &b, 1)
+        finally:
+            self._lock(O_WLOCK, -1)
+            pq_store(shm + O_WAITERS, pq_load(shm + O_WAITERS) - 1)
+            self._unlock(O_WLOCK)
+        return deadline < 0 or pq_now_ns() < deadline
 
     # -- reading ----------------------------------------------------------
 
@@ -726,13 +787,14 @@ cdef class Channel:
                 st = self._lock(O_RLOCK, deadline)
                 if st == TIMED_OUT:
                     raise queue.Empty
-            self._nfull = 0
+            before = pq_load(self._shm + O_GETS)
             try:
                 frame = self._read_frame()
             finally:
+                taken = pq_load(self._shm + O_GETS) - before
                 self._unlock(O_RLOCK)
-                if self._nfull:
-                    self._wake_producers()
+                if taken and self.maxsize > 0:
+                    self._wake_producers(taken)
             if frame is None:
                 if not self._wait_fd(self._rfd, POLLIN, deadline):
                     raise queue.Empty
@@ -744,24 +806,22 @@ cdef class Channel:
                 return data
             return _loads(data, buffers=buffers)
 
-    cdef void _wake_producers(self) noexcept:
-        # One byte per frame that left a full queue: each wakes one producer
-        # waiting in _wait_room.  Stray bytes only cause a spurious re-check.
+    cdef void _wake_producers(self, uint64_t taken) noexcept:
+        # One byte per frame taken, while producers wait for room: each byte
+        # wakes one of them.  Stray bytes only cause a spurious re-check.
         cdef char b = 0
-        while self._nfull > 0:
-            self._nfull -= 1
+        pq_fence()
+        if pq_load(self._shm + O_WAITERS) == 0:
+            return
+        while taken > 0:
+            taken -= 1
             with nogil:
                 write(self._nwfd, &b, 1)
 
     cdef void _frame_done(self) noexcept:
-        # Whether the queue was full is judged at the increment itself: a
-        # producer that saw it full is then sure to be woken by someone.
         cdef uint8_t *shm = self._shm
-        cdef uint64_t g = pq_load(shm + O_GETS)
-        if self.maxsize > 0 and <int64_t>(pq_load(shm + O_PUTS) - g) >= self.maxsize:
-            self._nfull += 1
         pq_store(shm + O_RD_POS, 0)
-        pq_store(shm + O_GETS, g + 1)
+        pq_store(shm + O_GETS, pq_load(shm + O_GETS) + 1)
 
     cdef object _read_frame(self):
         """Holding the read lock: None if the pipe is empty, False for a torn
@@ -917,14 +977,17 @@ cdef class Channel:
 
     cdef int _skip_frame(self) except -1:
         """Drop the rest of a frame that another reader began."""
-        cdef uint64_t length
+        cdef uint64_t length, left, n
         cdef int r = SPAN_MORE
         if not self._finish_header():
             self._frame_done()
             return 0
         length = self._header_length()
+        left = length - _body_done(pq_load(self._shm + O_RD_POS), length)
         while r == SPAN_MORE:
-            r = self._read_span(<char *>_scratch, SCRATCH, length)
+            n = left if left < SCRATCH else SCRATCH
+            r = self._read_span(<char *>_scratch, n, length)
+            left -= n
         self._frame_done()
         return 0
 

@@ -48,6 +48,7 @@ O_PUTS = 64  # u64, frames begun; written under the write lock
 O_WR_POS = 72  # u64, wire bytes of the last frame already in the pipe
 O_WR_END = 80  # u64, that frame's wire size, or 0 once it is complete
 O_WR_HDR = 88  # 16 bytes, that frame's header
+O_WAITERS = 104  # u64, producers waiting for room (maxsize); under the write lock
 O_GETS = 128  # u64, frames consumed; written under the read lock
 O_RD_POS = 136  # u64, wire bytes of the current frame already read
 O_RD_HDR = 152  # 16 bytes, the header being read
