@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from pipeq._shm import check_platform
 
@@ -13,14 +14,17 @@ NO_EXTENSIONS = bool(os.environ.get("PIPEQ_NO_EXTENSIONS")) or (
     sys.implementation.name != "cpython"
 )
 
-if NO_EXTENSIONS:
-    raise ImportError(
-        "pipeq: the pure-Python core is not available yet; "
-        "unset PIPEQ_NO_EXTENSIONS and install with a C compiler"
-    )
+if TYPE_CHECKING:
+    from pipeq._core_py import Channel
+elif NO_EXTENSIONS:
+    from pipeq._core_py import Channel
+else:
+    try:
+        from pipeq._core_c import Channel
+    except ImportError:  # built without a compiler: the pure twin does the same
+        from pipeq._core_py import Channel
 
-from pipeq._core_c import Channel  # noqa: E402
+# Which core is live; a test asserts the compiled one in a normal install.
+USING_EXTENSION: bool = Channel.__module__ == "pipeq._core_c"
 
-USING_EXTENSION = True
-
-__all__ = ["Channel", "USING_EXTENSION"]
+__all__ = ["NO_EXTENSIONS", "USING_EXTENSION", "Channel"]

@@ -1,0 +1,855 @@
+"""Pure-Python core of pipeq: the compiled core's Channel, with the same frames, shared page and locks."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import mmap
+import operator
+import os
+import queue
+import select
+import struct
+import sys
+import termios
+import time
+from collections.abc import Callable
+from io import BytesIO
+from multiprocessing.reduction import DupFd, ForkingPickler
+from pickle import PickleBuffer, loads
+from typing import Any, Literal, NoReturn, Protocol
+
+from pipeq import _shm
+from pipeq._errors import StreamError
+
+# The wire format and the shared page are _shm's; what follows is how this
+# process drives them, and mirrors _core_c.pyx name for name.
+HDR = _shm.HDR
+CHUNK = _shm.CHUNK
+KNOWN_FLAGS = _shm.FLAG_OOB | _shm.FLAG_RAW
+PIPE_BUF = select.PIPE_BUF
+IOV_CAP = 1024  # buffers per readv/writev call; IOV_MAX is 1024 on Linux and macOS
+SCRATCH = 65536
+U64 = (1 << 64) - 1
+
+# Lock waits are sliced so that signal handlers run while a lock is awaited.
+LOCK_SLICE_NS = 50_000_000
+# A reader in the middle of a frame looks this often for an abandoned writer.
+MIDFRAME_SLICE_NS = 20_000_000
+# A producer waiting for room re-checks at least this often.
+ROOM_SLICE_NS = 100_000_000
+_U64 = (1 << 64) - 1
+
+# _lock results besides 0; negative so that they never clash with an errno.
+OWNER_DIED = -1
+TIMED_OUT = -2
+# _write_iov results
+WRITE_TIMEOUT, WRITE_DONE, WRITE_RETRY = 0, 1, 2
+# _read_span results
+SPAN_TORN, SPAN_MORE, SPAN_END = 0, 1, 2
+
+_CONT = memoryview(bytes([_shm.MARK_CONT]))
+_COMMIT = memoryview(bytes([_shm.MARK_COMMIT]))
+_TORN = memoryview(bytes([_shm.MARK_TORN]))
+_ZEROS = memoryview(bytes(SCRATCH))  # filler for torn chunks
+_NOTHING = memoryview(bytearray())  # the destination of a span that is only a marker
+
+
+# -- process-shared pthread mutexes, through ctypes.  Foreign calls release
+# -- the GIL, so blocking in them stalls no other thread.
+
+LINUX = sys.platform.startswith("linux")
+ROBUST = LINUX  # robust mutexes: a lock whose owner died is handed on
+_PTHREAD_PROCESS_SHARED = 1
+_PTHREAD_MUTEX_ROBUST = 1
+_MUTEXATTR_SIZE = 64  # generous: sizeof(pthread_mutexattr_t) is 4 on Linux, 16 on macOS
+
+
+def _pthread_library() -> ctypes.CDLL:
+    # The interpreter's own symbols include libc; before glibc 2.34 the
+    # mutex calls may live in a libpthread that it did not pull in.
+    lib = ctypes.CDLL(None)
+    if hasattr(lib, "pthread_mutex_trylock"):
+        return lib
+    return ctypes.CDLL(ctypes.util.find_library("pthread"))
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _bind(lib: ctypes.CDLL, name: str, *argtypes: Any) -> Any:
+    fn = getattr(lib, name)
+    fn.argtypes = argtypes
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_lib = _pthread_library()
+_vp = ctypes.c_void_p
+_mutexattr_init = _bind(_lib, "pthread_mutexattr_init", _vp)
+_mutexattr_setpshared = _bind(_lib, "pthread_mutexattr_setpshared", _vp, ctypes.c_int)
+_mutexattr_destroy = _bind(_lib, "pthread_mutexattr_destroy", _vp)
+_mutex_init = _bind(_lib, "pthread_mutex_init", _vp, _vp)
+_mutex_trylock = _bind(_lib, "pthread_mutex_trylock", _vp)
+_mutex_unlock = _bind(_lib, "pthread_mutex_unlock", _vp)
+if ROBUST:
+    _mutexattr_setrobust = _bind(_lib, "pthread_mutexattr_setrobust", _vp, ctypes.c_int)
+    _mutex_consistent = _bind(_lib, "pthread_mutex_consistent", _vp)
+if LINUX:
+    _mutex_timedlock = _bind(_lib, "pthread_mutex_timedlock", _vp, ctypes.POINTER(_Timespec))
+
+
+def _mutex_create(m: int) -> int:
+    """Initialise a process-shared (and, on Linux, robust) mutex at address m: 0 or an errno."""
+    attr = ctypes.create_string_buffer(_MUTEXATTR_SIZE)
+    rc: int = _mutexattr_init(attr)
+    if rc:
+        return rc
+    rc = _mutexattr_setpshared(attr, _PTHREAD_PROCESS_SHARED)
+    if not rc and ROBUST:
+        rc = _mutexattr_setrobust(attr, _PTHREAD_MUTEX_ROBUST)
+    if not rc:
+        rc = _mutex_init(m, attr)
+    _mutexattr_destroy(attr)
+    return rc
+
+
+def _settle(m: int, rc: int) -> int:
+    """0: locked; OWNER_DIED: locked, and its last owner died holding it (the
+    mutex is made consistent again; the caller repairs what it guarded);
+    EBUSY / ETIMEDOUT: not locked; anything else: an errno value."""
+    if ROBUST and rc == errno.EOWNERDEAD:
+        _mutex_consistent(m)
+        return OWNER_DIED
+    return rc
+
+
+def _trylock(m: int) -> int:
+    return _settle(m, _mutex_trylock(m))
+
+
+def _waitlock(m: int, ns: int) -> int:
+    """Wait at most ns for the mutex; _settle's results."""
+    if LINUX:
+        sec, nsec = divmod(time.time_ns() + ns, 1_000_000_000)  # CLOCK_REALTIME
+        return _settle(m, _mutex_timedlock(m, ctypes.byref(_Timespec(sec, nsec))))
+    # No timed lock here (macOS): try, then sleep, backing off to 1 ms.
+    end = time.monotonic_ns() + ns
+    nap = 20_000
+    while True:
+        rc = _trylock(m)
+        if rc != errno.EBUSY:
+            return rc
+        left = end - time.monotonic_ns()
+        if left <= 0:
+            return errno.ETIMEDOUT
+        time.sleep(min(nap, left) / 1e9)
+        nap = min(nap * 2, 1_000_000)
+
+
+def _unlock(m: int) -> None:
+    _mutex_unlock(m)
+
+
+# -- small helpers
+
+
+def _raise_errno(err: int) -> NoReturn:
+    raise OSError(err, os.strerror(err))
+
+
+def _deadline(timeout: float | None) -> int:
+    """-1 for no deadline; otherwise monotonic ns (negative timeouts mean 0)."""
+    if timeout is None:
+        return -1
+    if isinstance(timeout, (str, bytes, bytearray)):
+        # float() would parse these; the compiled core takes numbers only.
+        raise TypeError(f"must be real number, not {type(timeout).__name__}")
+    t = float(timeout)
+    if t <= 0:
+        return time.monotonic_ns()
+    if t > 1e9:  # beyond 30 years: as good as forever
+        return -1
+    return time.monotonic_ns() + int(t * 1e9)
+
+
+def _signed(v: int) -> int:
+    """A u64 difference read as an i64."""
+    v &= U64
+    return v - (1 << 64) if v >> 63 else v
+
+
+def _next_mark(pos: int, length: int) -> int:
+    """Wire offset of the first marker at or after wire offset pos >= HDR."""
+    k = (pos - HDR) // (CHUNK + 1)
+    return HDR + k * (CHUNK + 1) + min(length - k * CHUNK, CHUNK)
+
+
+def _body_done(pos: int) -> int:
+    """Body bytes before wire offset pos >= HDR (markers are not body)."""
+    return (pos - HDR) - (pos - HDR) // (CHUNK + 1)
+
+
+def _advance(iov: list[memoryview], i: int, n: int) -> int:
+    """Consume n bytes from iov[i:], return the index of the first entry
+    with bytes left."""
+    while n > 0:
+        if n >= len(iov[i]):
+            n -= len(iov[i])
+            i += 1
+        else:
+            iov[i] = iov[i][n:]
+            n = 0
+    while i < len(iov) and not len(iov[i]):
+        i += 1
+    return i
+
+
+def _fionread(fd: int) -> int:
+    """Bytes waiting in the pipe, or -1."""
+    try:
+        buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return -1
+    return int.from_bytes(buf, sys.byteorder, signed=True)
+
+
+def _wait_fd(fd: int, events: int, deadline: int) -> bool:
+    """True when fd is ready, False when the deadline passed first.  poll()
+    runs the signal handlers on EINTR and retries (PEP 475)."""
+    poller = select.poll()
+    poller.register(fd, events)
+    while True:
+        ms: int | None = None
+        if deadline >= 0:
+            left = deadline - time.monotonic_ns()
+            ms = 0 if left <= 0 else min((left + 999_999) // 1_000_000, 0x7FFFFFFF)
+        if poller.poll(ms):
+            return True
+        if deadline >= 0 and time.monotonic_ns() >= deadline:
+            return False
+
+
+def _frame_iov(hdr: bytes, segs: list[memoryview]) -> list[memoryview]:
+    """The header, the body segments cut at every CHUNK bytes by a CONT
+    marker, and the COMMIT marker."""
+    iov = [memoryview(hdr)]
+    filled = 0
+    for seg in segs:
+        while len(seg):
+            if filled == CHUNK:
+                iov.append(_CONT)
+                filled = 0
+            take = min(CHUNK - filled, len(seg))
+            iov.append(seg[:take])
+            seg = seg[take:]
+            filled += take
+    iov.append(_COMMIT)
+    return iov
+
+
+class _OOBCollector:
+    """pickle buffer_callback: large contiguous buffers go out of band."""
+
+    def __init__(self) -> None:
+        self.views: list[memoryview] = []
+
+    def __call__(self, pb: PickleBuffer) -> bool:
+        try:
+            view = pb.raw()
+        except BufferError:
+            return True  # not contiguous: let pickle copy it in band
+        if view.nbytes < _shm.OOB_MIN:
+            return True
+        self.views.append(view)
+        return False
+
+
+_Frame = tuple[bytes | bytearray, list[bytearray] | tuple[()] | None]
+
+
+class Channel:
+    """One pipe, two process-shared locks and a page of shared state.
+
+    A writer holds the write lock for exactly one frame; a reader holds the
+    read lock for exactly one frame and waits for data without it.  Both pipe
+    ends are non-blocking: every wait is a poll(), so timeouts bound the wait
+    and signal handlers run during it.
+
+    Where the compiled core can be cut short only at chosen points, Python
+    code can be by a signal handler that raises, between any two bytecodes.
+    So every syscall is followed at once by the shared counter that accounts
+    for it, and every lock taken at once by the try that releases it: what
+    the compiled core keeps a few instructions wide is a few bytecodes here.
+    """
+
+    __slots__ = (
+        "_rfd", "_wfd", "_shmfd", "_nrfd", "_nwfd", "_maxsize", "_capacity",
+        "_closed", "_mm", "_page", "_wlock", "_rlock", "_puts",
+        "_gets", "_wr_pos", "_wr_end", "_waiters", "_rd_pos", "_rd_hdr", "_marker",
+    )  # fmt: skip
+
+    def __init__(self, maxsize: int = 0) -> None:
+        maxsize = max(_ssize(maxsize), 0)
+        r, w, s, nr, nw = _shm.create(maxsize)
+        self._attach(r, w, s, nr, nw, maxsize, True)
+
+    def _attach(self, r: int, w: int, s: int, nr: int, nw: int, maxsize: int, fresh: bool) -> None:
+        self._rfd, self._wfd, self._shmfd, self._nrfd, self._nwfd = r, w, s, nr, nw
+        self._closed = False  # from here on the fds are ours to close
+        self._maxsize = maxsize
+        # The page stays mapped until the Channel is collected, so the
+        # counters can be read after close(), as the stdlib's semaphore can.
+        self._mm = mmap.mmap(s, _shm.SHM_SIZE)
+        self._page = memoryview(self._mm)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
+        self._wlock = base + _shm.O_WLOCK
+        self._rlock = base + _shm.O_RLOCK
+        # Aligned native u64s: one load or store each, as the compiled core's.
+        self._puts = ctypes.c_uint64.from_buffer(self._mm, _shm.O_PUTS)
+        self._gets = ctypes.c_uint64.from_buffer(self._mm, _shm.O_GETS)
+        self._wr_pos = ctypes.c_uint64.from_buffer(self._mm, _shm.O_WR_POS)
+        self._wr_end = ctypes.c_uint64.from_buffer(self._mm, _shm.O_WR_END)
+        self._waiters = ctypes.c_uint64.from_buffer(self._mm, _shm.O_WAITERS)
+        self._rd_pos = ctypes.c_uint64.from_buffer(self._mm, _shm.O_RD_POS)
+        self._rd_hdr = self._page[_shm.O_RD_HDR : _shm.O_RD_HDR + HDR]
+        self._marker = bytearray(1)  # used only under the read lock
+        if fresh:
+            for m in (self._wlock, self._rlock):
+                rc = _mutex_create(m)
+                if rc:
+                    _raise_errno(rc)
+            _shm.init_header(s, maxsize)
+        self._capacity = _shm.pipe_capacity(w)
+
+    def __reduce__(self) -> tuple[Callable[..., Channel], tuple[Any, ...]]:
+        # Only meaningful while a child process is being started: DupFd hands
+        # each fd to the new process.  The queue wrapper enforces that.
+        self._check()
+        fds = [DupFd(fd) if fd >= 0 else None for fd in self._fds()]
+        return _rebuild, (*fds, self._maxsize)
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self._close_fds()
+
+    def _fds(self) -> tuple[int, int, int, int, int]:
+        return self._rfd, self._wfd, self._shmfd, self._nrfd, self._nwfd
+
+    def _close_fds(self) -> None:
+        for fd in self._fds():
+            if fd >= 0:
+                os.close(fd)
+        self._rfd = self._wfd = self._shmfd = self._nrfd = self._nwfd = -1
+
+    def close(self) -> None:
+        """Close this process's fds; the shared page stays mapped until GC."""
+        if not self._closed:
+            self._closed = True
+            self._close_fds()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def maxsize(self) -> int:
+        return self._maxsize
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def fileno(self) -> int:
+        """The read end of the pipe, for poll/select-style waiting."""
+        self._check()
+        return self._rfd
+
+    def writer_fileno(self) -> int:
+        self._check()
+        return self._wfd
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ValueError("channel is closed")
+
+    # -- counters ---------------------------------------------------------
+
+    def _count(self) -> int:
+        return _signed(self._puts.value - self._gets.value)
+
+    def qsize(self) -> int:
+        """Frames in the pipe, counting one being written."""
+        return max(self._count(), 0)
+
+    def full(self) -> bool:
+        return self._maxsize > 0 and self._count() >= self._maxsize
+
+    def empty(self) -> bool:
+        return self._count() <= 0
+
+    # -- waiting ----------------------------------------------------------
+
+    def _lock(self, m: int, deadline: int) -> int:
+        """0 or OWNER_DIED once locked (the latter: its last owner died
+        holding it); TIMED_OUT if the deadline passed first."""
+        rc = _trylock(m)
+        while True:
+            if rc == 0 or rc == OWNER_DIED:
+                return rc
+            if rc != errno.EBUSY and rc != errno.ETIMEDOUT:
+                _raise_errno(rc)
+            # Between slices the interpreter runs any pending signal handler.
+            ns = LOCK_SLICE_NS
+            if deadline >= 0:
+                left = deadline - time.monotonic_ns()
+                if left <= 0:
+                    return TIMED_OUT
+                ns = min(ns, left)
+            rc = _waitlock(m, ns)
+
+    # -- writing ----------------------------------------------------------
+
+    def put(self, obj: object, timeout: float | None = None) -> None:
+        """Write obj as one frame.  Raises queue.Full when the deadline passes
+        before the frame could be written whole."""
+        self._check()
+        deadline = _deadline(timeout)
+        flags = nbuf = 0
+        # Pickle before taking any lock: a failure leaves the queue untouched.
+        if type(obj) is bytes:
+            flags = _shm.FLAG_RAW
+            segs = [memoryview(obj)]
+        else:
+            sink = BytesIO()
+            collector = _OOBCollector()
+            # ForkingPickler(file, protocol, fix_imports, buffer_callback)
+            ForkingPickler(sink, 5, True, collector).dump(obj)
+            segs = [sink.getbuffer()]
+            if collector.views:
+                # Body: u64 length table, pickle, out-of-band buffers.
+                flags = _shm.FLAG_OOB
+                nbuf = len(collector.views)
+                table = b"".join(v.nbytes.to_bytes(8, "little") for v in collector.views)
+                segs = [memoryview(table), segs[0], *collector.views]
+        length = sum(len(s) for s in segs)
+        hdr = _shm.HEADER.pack(_shm.MAGIC, _shm.VERSION, flags, nbuf, length)
+        self._put_frame(hdr, _frame_iov(hdr, segs), _shm.wire_size(length), deadline)
+
+    def _put_frame(self, hdr: bytes, iov: list[memoryview], total: int, deadline: int) -> None:
+        # A frame that fits in the pipe is begun only once it fits whole, so a
+        # timeout never cuts it; only a frame larger than the pipe is streamed
+        # (holding the write lock) and can be left unfinished.
+        sized = PIPE_BUF < total <= self._capacity
+        maxsize = self._maxsize
+        while True:
+            if maxsize > 0 and self._count() >= maxsize:
+                if not self._wait_room(deadline):
+                    raise queue.Full
+                continue
+            if sized and not self._has_room(total):
+                if not self._wait_space(total, deadline):
+                    raise queue.Full
+                continue
+            if self._lock(self._wlock, deadline) == TIMED_OUT:
+                raise queue.Full
+            try:
+                if self._wr_end.value and not self._pay_debt(deadline):
+                    raise queue.Full
+                if maxsize > 0 and self._count() >= maxsize:
+                    continue  # another producer took the last slot
+                if sized and not self._has_room(total):
+                    continue
+                # Record the frame before its first byte moves, so that whoever
+                # takes the lock after us can end it if we stop midway.
+                self._page[_shm.O_WR_HDR : _shm.O_WR_HDR + HDR] = hdr
+                self._wr_pos.value = 0
+                self._wr_end.value = total
+                self._puts.value += 1
+                r = self._write_iov(iov, deadline, True)
+                if r == WRITE_DONE:
+                    self._wr_end.value = 0
+                    return
+                if r == WRITE_TIMEOUT:
+                    raise queue.Full
+                # WRITE_RETRY: the pipe was full before our first byte and the
+                # frame was taken back.  Wait for space without the lock.
+            finally:
+                _unlock(self._wlock)
+            if not _wait_fd(self._wfd, select.POLLOUT, deadline):
+                raise queue.Full
+
+    def _has_room(self, total: int) -> bool:
+        used = _fionread(self._rfd)
+        return used >= 0 and self._capacity - used >= total
+
+    def _wait_space(self, total: int, deadline: int) -> bool:
+        """Wait until `total` bytes fit in the pipe.  False on timeout."""
+        nap = 50_000
+        while not self._has_room(total):
+            # poll() says only that some space is free; sleep between checks.
+            if not _wait_fd(self._wfd, select.POLLOUT, deadline):
+                return False
+            if self._has_room(total):
+                break
+            if deadline >= 0:
+                left = deadline - time.monotonic_ns()
+                if left <= 0:
+                    return False
+                nap = min(nap, left)
+            time.sleep(nap / 1e9)
+            if nap < 2_000_000:
+                nap *= 2
+        return True
+
+    def _write_iov(self, iov: list[memoryview], deadline: int, frame: bool) -> int:
+        """Write all of iov, holding the write lock, counting progress in
+        WR_POS.  WRITE_DONE, WRITE_TIMEOUT when the deadline passed, or
+        WRITE_RETRY when a frame's first write found the pipe full.  A frame
+        stopped after its first byte is left as debt for the next lock holder;
+        one stopped before it is taken back."""
+        wr_pos = self._wr_pos
+        ok = False
+        try:
+            i = 0
+            while i < len(iov):
+                try:
+                    n = os.writev(self._wfd, iov[i : i + IOV_CAP])
+                except BlockingIOError:
+                    if frame and wr_pos.value == 0:
+                        return WRITE_RETRY
+                    if not _wait_fd(self._wfd, select.POLLOUT, deadline):
+                        return WRITE_TIMEOUT
+                    continue
+                wr_pos.value += n
+                i = _advance(iov, i, n)
+            ok = True
+            return WRITE_DONE
+        finally:
+            if not ok and frame and wr_pos.value == 0:
+                # Nothing of this frame reached the pipe: it never existed.
+                self._wr_end.value = 0
+                self._puts.value -= 1
+
+    def _pay_debt(self, deadline: int) -> bool:
+        """End a frame that an earlier writer left unfinished: fill up the
+        chunk it stopped in and mark the frame TORN.  At most one chunk of
+        filler.  Holding the write lock; False if the deadline passed first."""
+        length = int.from_bytes(self._page[_shm.O_WR_HDR + 8 : _shm.O_WR_HDR + HDR], "little")
+        while self._wr_end.value:
+            pos = self._wr_pos.value
+            if pos >= self._wr_end.value:
+                # Its writer was killed after its last byte: nothing is owed.
+                self._wr_end.value = 0
+                break
+            if pos < HDR:
+                iov = [self._page[_shm.O_WR_HDR + pos : _shm.O_WR_HDR + HDR]]
+            else:
+                mark = _next_mark(pos, length)
+                iov = [_ZEROS[: min(mark - pos, SCRATCH)] if pos < mark else _TORN]
+            if not self._write_iov(iov, deadline, False):
+                return False
+            if pos >= HDR and pos == _next_mark(pos, length):
+                self._wr_end.value = 0  # the TORN marker is out
+        return True
+
+    def _wait_room(self, deadline: int) -> bool:
+        """Wait for a get() to free a slot (maxsize > 0).  False on timeout.
+
+        The protocol of the compiled core: a waiting producer is counted in
+        WAITERS under the write lock, and a get() that sees a waiter writes a
+        byte per frame taken into the notify pipe.  Python has no memory
+        fence, so the wait is sliced: a wake-up missed here costs one slice.
+        """
+        if self._lock(self._wlock, deadline) == TIMED_OUT:
+            return False
+        try:
+            full = self._count() >= self._maxsize
+            if full:
+                self._waiters.value += 1
+        finally:
+            _unlock(self._wlock)
+        if not full:
+            return True
+        try:
+            slice_end = time.monotonic_ns() + ROOM_SLICE_NS
+            if 0 <= deadline < slice_end:
+                slice_end = deadline
+            if self._count() >= self._maxsize and _wait_fd(
+                self._nrfd, select.POLLIN, slice_end
+            ):
+                try:
+                    os.read(self._nrfd, 1)
+                except BlockingIOError:
+                    pass  # another producer took the byte: we only re-check
+        finally:
+            self._lock(self._wlock, -1)
+            try:
+                self._waiters.value -= 1
+            finally:
+                _unlock(self._wlock)
+        return deadline < 0 or time.monotonic_ns() < deadline
+
+    # -- reading ----------------------------------------------------------
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Read and unpickle one frame.  Raises queue.Empty when no frame
+        starts before the deadline."""
+        self._check()
+        deadline = _deadline(timeout)
+        while True:
+            st = _trylock(self._rlock)
+            if st != 0 and st != OWNER_DIED:
+                if st != errno.EBUSY:
+                    _raise_errno(st)
+                if not _wait_fd(self._rfd, select.POLLIN, deadline):
+                    raise queue.Empty
+                if self._lock(self._rlock, deadline) == TIMED_OUT:
+                    raise queue.Empty
+            before = self._gets.value
+            try:
+                frame = self._read_frame()
+            finally:
+                taken = (self._gets.value - before) & _U64
+                _unlock(self._rlock)
+                if taken and self._maxsize > 0:
+                    self._wake_producers(taken)
+            if frame is None:
+                if not _wait_fd(self._rfd, select.POLLIN, deadline):
+                    raise queue.Empty
+                continue
+            if frame is False:
+                continue  # a torn frame: its writer gave up, nothing to deliver
+            data, buffers = frame
+            if buffers is None:
+                return data
+            return loads(data, buffers=buffers)
+
+    def _wake_producers(self, n: int) -> None:
+        # One byte per frame taken, while producers wait for room: each byte
+        # wakes one of them.  Stray bytes only cause a spurious re-check.
+        if self._waiters.value == 0:
+            return
+        for _ in range(n):
+            try:
+                os.write(self._nwfd, b"\0")
+            except BlockingIOError:
+                pass  # the notify pipe is full of wake-ups already
+
+    def _frame_done(self) -> None:
+        self._rd_pos.value = 0
+        self._gets.value += 1
+
+    def _read_frame(self) -> _Frame | Literal[False] | None:
+        """Holding the read lock: None if the pipe is empty, False for a torn
+        frame, else (data, buffers or None)."""
+        # The rest of a frame that a reader before us began and never
+        # finished (it was killed or interrupted): it is dropped.
+        if self._rd_pos.value:
+            self._skip_frame()
+        # The header goes straight into shared memory, so that a successor
+        # can finish this frame if we stop partway through it.
+        try:
+            n = os.readv(self._rfd, [self._rd_hdr])
+        except BlockingIOError:
+            return None
+        if n == 0:
+            raise EOFError("pipeq: every write end of the pipe is closed")
+        self._rd_pos.value = n
+        if n < HDR and not self._finish_header():
+            self._frame_done()
+            return False
+        return self._read_body()
+
+    def _finish_header(self) -> bool:
+        """Read the rest of a partial header.  False if its writer abandoned
+        the frame (which is then dropped)."""
+        pos = self._rd_pos.value
+        if pos < HDR:
+            return self._read_iov([self._rd_hdr[pos:]])
+        return True
+
+    def _header(self) -> tuple[int, int, int]:
+        """(flags, n_buffers, body length) of the header being read."""
+        magic, version, flags, nbuf, length = _shm.HEADER.unpack_from(self._page, _shm.O_RD_HDR)
+        if (
+            magic != _shm.MAGIC
+            or version != _shm.VERSION
+            or flags & ~KNOWN_FLAGS
+            or length > _shm.MAX_BODY
+            or (nbuf != 0) != bool(flags & _shm.FLAG_OOB)
+            or nbuf * 8 > length
+        ):
+            self._rd_pos.value = 0
+            raise StreamError(
+                f"pipeq: not a pipeq frame header: {bytes(self._rd_hdr)!r}; "
+                "something other than pipeq wrote into the queue's pipe"
+            )
+        return flags, nbuf, length
+
+    def _read_body(self) -> _Frame | Literal[False]:
+        flags, nbuf, length = self._header()
+        rest = length
+        buffers: list[bytearray] | None = None
+        if nbuf:
+            table = bytearray(8 * nbuf)
+            r = self._read_span(memoryview(table), length)
+            if r != SPAN_MORE:
+                return self._torn_or_bad(r)
+            rest -= 8 * nbuf
+            buffers = []
+            for (blen,) in struct.iter_unpack("<Q", table):
+                if blen > rest:
+                    raise StreamError("pipeq: buffer table exceeds the frame")
+                rest -= blen
+                buffers.append(bytearray(blen))
+        # Fresh objects, read into directly.  (Unlike the compiled core, a
+        # raw bytes item is copied once at the end: Python cannot read into
+        # a bytes object.)
+        data = bytearray(rest)
+        r = self._read_span(memoryview(data), length)
+        if buffers is not None:
+            for buf in buffers:
+                if r != SPAN_MORE:
+                    break
+                r = self._read_span(memoryview(buf), length)
+        if r == SPAN_MORE:
+            r = self._read_span(_NOTHING, length)  # the COMMIT marker itself
+        if r != SPAN_END:
+            return self._torn_or_bad(r)
+        self._frame_done()
+        if flags & _shm.FLAG_RAW:
+            return bytes(data), None
+        return data, (buffers if buffers is not None else ())
+
+    def _torn_or_bad(self, r: int) -> Literal[False]:
+        if r == SPAN_TORN:
+            self._frame_done()
+            return False
+        self._rd_pos.value = 0
+        raise StreamError("pipeq: frame ended before its declared length")
+
+    def _read_span(self, dst: memoryview, length: int) -> int:
+        """Read the next len(dst) body bytes into dst, and with them any
+        marker they reach.  SPAN_MORE when they are read and the frame goes
+        on, SPAN_END when they end it with COMMIT, SPAN_TORN when it was torn."""
+        marker = self._marker
+        n = len(dst)
+        while True:
+            pos = self._rd_pos.value
+            mark = _next_mark(pos, length)
+            take = min(mark - pos, n)
+            iov = [dst[:take]] if take else []
+            at_mark = pos + take == mark
+            if at_mark:
+                iov.append(memoryview(marker))
+            elif n == 0:
+                return SPAN_MORE
+            if not self._read_iov(iov):
+                return SPAN_TORN
+            dst = dst[take:]
+            n -= take
+            if at_mark:
+                if marker[0] == _shm.MARK_TORN:
+                    return SPAN_TORN
+                if mark == _shm.wire_size(length) - 1:
+                    if marker[0] != _shm.MARK_COMMIT or n:
+                        raise StreamError(f"pipeq: bad end-of-frame marker {marker[0]:#04x}")
+                    return SPAN_END
+                if marker[0] != _shm.MARK_CONT:
+                    raise StreamError(f"pipeq: bad chunk marker {marker[0]:#04x}")
+            if n == 0:
+                return SPAN_MORE
+
+    def _skip_frame(self) -> None:
+        """Drop the rest of a frame that another reader began."""
+        if not self._finish_header():
+            self._frame_done()
+            return
+        length = self._header()[2]
+        end = _shm.wire_size(length)
+        scratch = memoryview(bytearray(SCRATCH))
+        r = SPAN_MORE
+        # Each span asks for no more than the body has left, so that the
+        # last one ends exactly on the COMMIT marker.  A reader that died
+        # after the marker but before counting the frame left pos == end.
+        while r == SPAN_MORE and self._rd_pos.value < end:
+            left = length - _body_done(self._rd_pos.value)
+            r = self._read_span(scratch[: min(left, SCRATCH)], length)
+        self._frame_done()
+
+    def _read_iov(self, iov: list[memoryview]) -> bool:
+        """Read all of iov holding the read lock, counting progress in
+        RD_POS.  False when the frame's writer abandoned it."""
+        rd_pos = self._rd_pos
+        i = 0
+        while i < len(iov):
+            try:
+                n = os.readv(self._rfd, iov[i : i + IOV_CAP])
+            except BlockingIOError:
+                if self._writer_gone():
+                    return False
+                _wait_fd(self._rfd, select.POLLIN, time.monotonic_ns() + MIDFRAME_SLICE_NS)
+                continue
+            if n == 0:
+                raise EOFError("pipeq: every write end of the pipe is closed")
+            rd_pos.value += n
+            i = _advance(iov, i, n)
+        return True
+
+    def _writer_gone(self) -> bool:
+        """Mid-frame with an empty pipe: True if the frame's writer abandoned
+        it (its debt is then forgiven here), False if it is still writing."""
+        st = _trylock(self._wlock)
+        if st != 0 and st != OWNER_DIED:
+            return False  # a live writer holds it and will write more
+        try:
+            if _fionread(self._rfd) != 0:
+                return False
+            wpos = self._wr_pos.value
+            rpos = self._rd_pos.value
+            if self._wr_end.value == 0 or wpos != rpos:
+                self._rd_pos.value = 0
+                writer = "finished it" if self._wr_end.value == 0 else f"stopped at byte {wpos}"
+                raise StreamError(f"pipeq: frame cut short at byte {rpos}; its writer {writer}")
+            self._wr_end.value = 0
+            return True
+        finally:
+            _unlock(self._wlock)
+
+
+def _ssize(v: object) -> int:
+    """v as a Py_ssize_t, converted the way the compiled core's arguments are."""
+    n = operator.index(v)  # type: ignore[arg-type]
+    if not -sys.maxsize - 1 <= n <= sys.maxsize:
+        raise OverflowError("Python int too large to convert to C ssize_t")
+    return n
+
+
+class _Detachable(Protocol):
+    def detach(self) -> int: ...
+
+
+def _rebuild(
+    r: _Detachable | None,
+    w: _Detachable | None,
+    s: _Detachable | None,
+    nr: _Detachable | None,
+    nw: _Detachable | None,
+    maxsize: int,
+) -> Channel:
+    """Unpickle a Channel in a child process from the fds it was handed.
+
+    Takes what either core's ``__reduce__`` hands over: both cores share the
+    pipe, the shared page and its locks, so a child may use the other core.
+    """
+    self = Channel.__new__(Channel)
+    fds = [d.detach() if d is not None else -1 for d in (r, w, s, nr, nw)]
+    for fd in fds:
+        if fd >= 0:
+            os.set_inheritable(fd, False)
+    self._attach(fds[0], fds[1], fds[2], fds[3], fds[4], _ssize(maxsize), False)
+    return self
