@@ -1,16 +1,22 @@
-"""Child-process targets and shared test helpers; module level so that spawn and forkserver can pickle them."""
+"""Child-process targets and shared helpers, at module level so spawn/forkserver can pickle them."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import multiprocessing
 import os
 import random
 import sys
 from typing import Any
 
-# Generous bound for every blocking call made inside a child.
+# Generous bounds for every blocking call, in the parent and inside a child.
+TIMEOUT = 60.0
 CHILD_TIMEOUT = 60.0
+
+START_METHODS = [
+    m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods()
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +45,9 @@ def make_payload(kind: str, size: int) -> Any:
     if kind == "ndarray_fortran":
         import numpy as np
 
-        return np.asfortranarray(np.frombuffer(data, dtype=np.uint8).view(np.int64).reshape(-1, 128))
+        return np.asfortranarray(
+            np.frombuffer(data, dtype=np.uint8).view(np.int64).reshape(-1, 128)
+        )
     if kind == "ndarray_strided":
         import numpy as np
 
@@ -108,16 +116,22 @@ def report_fds(q: Any, results: Any) -> None:
 # -- producers and consumers
 
 
-def producer(q: Any, producer_id: int, n: int) -> None:
+def producer(q: Any, producer_id: int, n: int, timeout: float = CHILD_TIMEOUT) -> None:
     for seq in range(n):
-        q.put((producer_id, seq), timeout=CHILD_TIMEOUT)
+        q.put((producer_id, seq), timeout=timeout)
 
 
-def consumer(q: Any, results: Any, consumer_id: int) -> None:
+def put_small_nowait(q: Any, n: int, size: int) -> None:
+    """Put n distinct bytes objects of `size` bytes with put_nowait."""
+    for i in range(n):
+        q.put_nowait(i.to_bytes(4, "little") * (size // 4))
+
+
+def consumer(q: Any, results: Any, consumer_id: int, timeout: float = CHILD_TIMEOUT) -> None:
     """Get (producer_id, seq) items until a None sentinel; report them per producer."""
     seen: dict[int, list[int]] = {}
     while True:
-        item = q.get(timeout=CHILD_TIMEOUT)
+        item = q.get(timeout=timeout)
         if item is None:
             break
         pid, seq = item
@@ -157,3 +171,25 @@ def put_oversized(q: Any, size: int) -> None:
     """Put a frame larger than the pipe with nobody reading: blocks mid-frame."""
     q.put(b"\x01" * size, timeout=CHILD_TIMEOUT)
     sys.exit(3)  # only reached if the parent never killed us
+
+
+def put_oversized_killed_after_first_write(q: Any, size: int) -> None:
+    """Like put_oversized, but SIGKILL this process as soon as the frame's
+    first bytes are in the pipe: right after writev() returned, while the
+    writing thread waits to take the GIL back."""
+    import fcntl
+    import signal
+    import termios
+    import threading
+
+    fd = q._channel.fileno()
+
+    def kill_when_written() -> None:
+        buf = b"\0\0\0\0"
+        while not int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, buf), sys.byteorder):
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=kill_when_written, daemon=True).start()
+    q.put(b"\x01" * size, timeout=CHILD_TIMEOUT)
+    sys.exit(3)  # only reached if the kill never came

@@ -1,0 +1,595 @@
+"""The compiled and the pure core: the same Channel each, and either one serving a queue the other created."""
+
+from __future__ import annotations
+
+import fcntl
+import multiprocessing
+import os
+import pickle
+import queue
+import signal
+import sys
+import termios
+import threading
+import time
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from core_workers import (
+    CORES,
+    Handoff,
+    consume_payloads,
+    load,
+    payloads,
+    produce_payloads,
+    same,
+    twin,
+)
+from workers import CHILD_TIMEOUT, TIMEOUT, make_payload
+
+from pipeq import _core_c, _core_py, _shm
+from pipeq._errors import StreamError
+
+if TYPE_CHECKING:
+    from conftest import Children, Forked
+
+pytestmark = [
+    # Python 3.12+ warns when a multi-threaded process forks (pytest's
+    # faulthandler watchdog is a thread); forking is what these tests do.
+    pytest.mark.filterwarnings(
+        "ignore:.*use of fork\\(\\) may lead to deadlocks:DeprecationWarning"
+    ),
+]
+
+PAIRS = [("c", "c"), ("c", "py"), ("py", "c"), ("py", "py")]
+CHUNK = _shm.CHUNK
+SHORT = 0.2  # a timeout that is meant to expire
+BYTES_SIZES = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 7]
+
+
+# -- helpers
+
+
+class BytesSub(bytes):
+    """Not exactly bytes: pickled rather than sent raw."""
+
+
+def pipe_bytes(ch: Any) -> int:
+    buf = fcntl.ioctl(ch.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int.from_bytes(buf, sys.byteorder)
+
+
+def wait_until(pred: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+    """Poll pred (no event can tell these things) until true; fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting until {what}")
+        time.sleep(0.005)
+
+
+def roundtrip(writer: Any, reader: Any, objs: list[Any]) -> list[Any]:
+    """Put objs with writer from a thread while reader gets them here, so
+    that frames larger than the pipe can pass."""
+    errors: list[Exception] = []
+
+    def produce() -> None:
+        try:
+            for obj in objs:
+                writer.put(obj, timeout=TIMEOUT)
+        except Exception as e:  # reported by the test thread
+            errors.append(e)
+
+    t = threading.Thread(target=produce, daemon=True)
+    t.start()
+    got = [reader.get(timeout=TIMEOUT) for _ in objs]
+    t.join(TIMEOUT)
+    assert not t.is_alive(), "producer thread still running"
+    assert not errors, errors
+    return got
+
+
+@pytest.fixture(params=list(CORES))
+def core(request: pytest.FixtureRequest) -> ModuleType:
+    return load(request.param)
+
+
+@pytest.fixture
+def opened() -> Iterator[list[Any]]:
+    """Channels to close at teardown: append what a test creates."""
+    channels: list[Any] = []
+    yield channels
+    for ch in channels:
+        ch.close()
+
+
+@pytest.fixture
+def new(core: ModuleType, opened: list[Any]) -> Callable[..., Any]:
+    def make(maxsize: int = 0) -> Any:
+        ch = core.Channel(maxsize)
+        opened.append(ch)
+        return ch
+
+    return make
+
+
+# -- one core at a time
+
+
+def test_same_public_interface() -> None:
+    def public(cls: type) -> set[str]:
+        return {n for n in dir(cls) if not n.startswith("_")}
+
+    assert public(_core_py.Channel) == public(_core_c.Channel) == {
+        "capacity", "close", "closed", "empty", "fileno", "full", "get",
+        "maxsize", "put", "qsize", "writer_fileno",
+    }  # fmt: skip
+    assert callable(_core_py._rebuild) and callable(_core_c._rebuild)
+
+
+@pytest.mark.parametrize(
+    "obj", [0, -(2**100), 1.5, "", "héllo ✓ 𝄞", None, (1, "a"), {"k": [1, 2]}, bytearray(b"ab")]
+)
+def test_roundtrip_small(new: Callable[..., Any], obj: Any) -> None:
+    ch = new()
+    ch.put(obj, timeout=TIMEOUT)
+    assert ch.qsize() == 1
+    got = ch.get(timeout=TIMEOUT)
+    assert same(got, obj)
+    assert ch.qsize() == 0
+
+
+@pytest.mark.parametrize("size", BYTES_SIZES)
+def test_roundtrip_bytes(new: Callable[..., Any], size: int) -> None:
+    ch = new()
+    data = make_payload("bytes", size)
+    (got,) = roundtrip(ch, ch, [data])
+    assert type(got) is bytes and got == data
+    assert ch.qsize() == 0 and pipe_bytes(ch) == 0
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK + 1])
+def test_roundtrip_bytearray_and_bytes_subclass(new: Callable[..., Any], size: int) -> None:
+    ch = new()
+    objs = [bytearray(make_payload("bytes", size)), BytesSub(make_payload("bytes", size))]
+    got = roundtrip(ch, ch, objs)
+    assert type(got[0]) is bytearray and got[0] == objs[0]
+    assert type(got[1]) is BytesSub and got[1] == objs[1]  # pickled, not sent raw
+
+
+def test_roundtrip_numpy_out_of_band(new: Callable[..., Any]) -> None:
+    np = pytest.importorskip("numpy")
+    ch = new()
+    objs = [
+        np.arange(10),  # too small for out of band
+        make_payload("ndarray", 256 * 1024),
+        make_payload("ndarray_fortran", 3 * CHUNK + 1024),
+        make_payload("ndarray_strided", 100_000),  # not contiguous: in band
+        [
+            make_payload("ndarray", 32 * 1024 * (i + 1)) for i in range(5)
+        ],  # five buffers in one frame
+        make_payload("many_bytearrays", 1100 * 16 * 1024),  # more buffers than one writev takes
+    ]
+    got = roundtrip(ch, ch, objs)
+    for g, o in zip(got, objs):
+        assert same(g, o)
+    # Out-of-band buffers arrive in fresh, writable memory.
+    assert got[1].flags.writeable and got[2].flags.f_contiguous
+
+
+def test_get_empty_timeout(new: Callable[..., Any]) -> None:
+    ch = new()
+    for timeout in (0, -1, SHORT):
+        t0 = time.monotonic()
+        with pytest.raises(queue.Empty):
+            ch.get(timeout=timeout)
+        assert time.monotonic() - t0 >= max(timeout, 0) - 0.01
+    assert ch.empty() and not ch.full() and ch.qsize() == 0
+
+
+def test_maxsize_full_timeout(new: Callable[..., Any]) -> None:
+    ch = new(2)
+    assert ch.maxsize == 2
+    ch.put("a", timeout=TIMEOUT)
+    ch.put("b", timeout=TIMEOUT)
+    assert ch.full() and ch.qsize() == 2 and not ch.empty()
+    for timeout in (0, -1, SHORT):
+        t0 = time.monotonic()
+        with pytest.raises(queue.Full):
+            ch.put("c", timeout=timeout)
+        assert time.monotonic() - t0 >= max(timeout, 0) - 0.01
+    assert ch.get(timeout=TIMEOUT) == "a"
+    assert not ch.full()
+    ch.put("c", timeout=0)
+    assert [ch.get(timeout=TIMEOUT) for _ in range(2)] == ["b", "c"]
+
+
+def test_maxsize_wakes_blocked_producer(new: Callable[..., Any]) -> None:
+    ch = new(1)
+    ch.put(0, timeout=TIMEOUT)
+    done = threading.Event()
+
+    def produce() -> None:
+        for i in range(1, 50):
+            ch.put(i, timeout=TIMEOUT)
+        done.set()
+
+    t = threading.Thread(target=produce, daemon=True)
+    t.start()
+    assert [ch.get(timeout=TIMEOUT) for _ in range(50)] == list(range(50))
+    t.join(TIMEOUT)
+    assert done.is_set()
+
+
+@pytest.mark.parametrize("maxsize", [0, -5])
+def test_unbounded(new: Callable[..., Any], maxsize: int) -> None:
+    ch = new(maxsize)
+    assert ch.maxsize == 0 and not ch.full()
+    assert ch.capacity >= _shm.DEFAULT_PIPE_SIZE
+
+
+def test_pipe_full_raises_full_and_keeps_frames_whole(new: Callable[..., Any]) -> None:
+    ch = new()
+    item = make_payload("bytes", ch.capacity // 5)
+    n = 0
+    with pytest.raises(queue.Full):
+        while n < 100:
+            ch.put(item, timeout=SHORT)
+            n += 1
+    assert 1 <= n < 100 and ch.qsize() == n
+    assert all(ch.get(timeout=TIMEOUT) == item for _ in range(n))
+    assert ch.qsize() == 0 and pipe_bytes(ch) == 0
+
+
+def test_frames_on_a_full_pipe(new: Callable[..., Any]) -> None:
+    """Small frames are written whole or taken back; larger ones that find
+    the pipe full may be begun (Linux fills a pipe's last page before it
+    counts as full) and are then dropped whole.  The stream stays intact."""
+    ch = new()
+    item = make_payload("bytes", 3000)  # <= PIPE_BUF: written whole or not at all
+    n = 0
+    with pytest.raises(queue.Full):
+        while n < 10_000:
+            ch.put(item, timeout=0)
+            n += 1
+    assert ch.qsize() == n
+    tries = [make_payload("bytes", 5000), make_payload("bytes", ch.capacity + 1)]
+    sent = []
+    for obj in tries:
+        try:
+            ch.put(obj, timeout=0)
+            sent.append(obj)
+        except queue.Full:
+            pass
+    assert all(ch.get(timeout=TIMEOUT) == item for _ in range(n))
+    got = []
+    with pytest.raises(queue.Empty):
+        while True:
+            got.append(ch.get(timeout=SHORT))
+    assert got == sent
+    assert ch.qsize() == 0 and pipe_bytes(ch) == 0
+    assert roundtrip(ch, ch, tries) == tries
+
+
+def test_close(new: Callable[..., Any]) -> None:
+    ch = new()
+    ch.put(1, timeout=TIMEOUT)
+    assert not ch.closed and ch.fileno() >= 0 and ch.writer_fileno() >= 0
+    ch.close()
+    ch.close()
+    assert ch.closed
+    for call in (ch.fileno, ch.writer_fileno, ch.get, lambda: ch.put(2)):
+        with pytest.raises(ValueError):
+            call()
+    assert ch.qsize() == 1 and not ch.empty()  # the shared page stays readable
+
+
+def test_pickling_error_leaves_queue_untouched(new: Callable[..., Any]) -> None:
+    ch = new()
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        ch.put(lambda: None, timeout=TIMEOUT)
+    assert ch.qsize() == 0 and pipe_bytes(ch) == 0
+    ch.put("ok", timeout=TIMEOUT)
+    assert ch.get(timeout=TIMEOUT) == "ok"
+
+
+def test_argument_types(core: ModuleType, new: Callable[..., Any]) -> None:
+    with pytest.raises(TypeError):
+        core.Channel(1.5)
+    ch = new()
+    with pytest.raises(TypeError):
+        ch.put(1, timeout="1")
+    ch.put(1, timeout=2**80)  # as good as forever
+    assert ch.get(timeout=TIMEOUT) == 1
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"not a pipeq frame",
+        _shm.HEADER.pack(_shm.MAGIC, _shm.VERSION, 0x80, 0, 1) + b"x\xc3",  # unknown flag
+        _shm.HEADER.pack(_shm.MAGIC, _shm.VERSION, 0, 0, 2) + b"xx\x00",  # bad end marker
+        _shm.HEADER.pack(_shm.MAGIC, _shm.VERSION, _shm.FLAG_OOB, 1, 8) + b"\xff" * 8 + b"\xc3",
+    ],
+    ids=["text", "flag", "marker", "table"],
+)
+def test_garbage_raises_stream_error(new: Callable[..., Any], garbage: bytes) -> None:
+    ch = new()
+    os.write(ch.writer_fileno(), garbage)
+    with pytest.raises(StreamError):
+        ch.get(timeout=TIMEOUT)
+
+
+def test_fds_are_close_on_exec(new: Callable[..., Any]) -> None:
+    ch = new(3)
+    for fd in (ch.fileno(), ch.writer_fileno()):
+        assert not os.get_inheritable(fd)
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
+
+
+# -- both cores on one queue, in one process
+
+
+@pytest.mark.parametrize("creator,user", PAIRS)
+def test_roundtrip_across_cores(creator: str, user: str, opened: list[Any]) -> None:
+    ch = load(creator).Channel()
+    other = twin(ch, user)
+    opened += (ch, other)
+    objs = payloads()
+    for got, want in zip(roundtrip(ch, other, objs), objs):
+        assert same(got, want)
+    for got, want in zip(roundtrip(other, ch, objs), objs):
+        assert same(got, want)
+    assert ch.qsize() == other.qsize() == 0
+
+
+@pytest.mark.parametrize("creator,user", PAIRS)
+def test_maxsize_across_cores(creator: str, user: str, opened: list[Any]) -> None:
+    ch = load(creator).Channel(2)
+    other = twin(ch, user)
+    opened += (ch, other)
+    assert other.maxsize == 2
+    ch.put(1, timeout=TIMEOUT)
+    other.put(2, timeout=TIMEOUT)
+    assert ch.full() and other.full() and other.qsize() == 2
+    with pytest.raises(queue.Full):
+        other.put(3, timeout=SHORT)
+
+    def produce() -> None:
+        other.put(3, timeout=TIMEOUT)  # woken by a get() of the other core
+
+    t = threading.Thread(target=produce, daemon=True)
+    t.start()
+    assert [ch.get(timeout=TIMEOUT) for _ in range(3)] == [1, 2, 3]
+    t.join(TIMEOUT)
+    assert not t.is_alive()
+
+
+def test_many_writers_and_readers_of_both_cores(opened: list[Any]) -> None:
+    """Frames of every size class from threads of both cores at once: the
+    locks keep each frame whole and each producer's frames in order."""
+    ch = _core_c.Channel(50)
+    views = [ch, twin(ch, "py"), twin(ch, "c"), twin(ch, "py")]
+    opened += views
+    sizes = [10, 5000, 70_000, 10, ch.capacity + 10]
+    per_producer = 40
+    # seen[reader][producer]: the sequence numbers that reader got, in order
+    seen: dict[int, list[list[int]]] = {rid: [[] for _ in views] for rid in range(2)}
+    errors: list[Exception] = []
+
+    def produce(pid: int, view: Any) -> None:
+        try:
+            for seq in range(per_producer):
+                view.put((pid, seq, b"%d" % pid * sizes[seq % len(sizes)]), timeout=TIMEOUT)
+        except Exception as e:  # reported by the test thread
+            errors.append(e)
+
+    def consume(rid: int, view: Any, n: int) -> None:
+        try:
+            for _ in range(n):
+                pid, seq, data = view.get(timeout=TIMEOUT)
+                assert data == b"%d" % pid * sizes[seq % len(sizes)]
+                seen[rid][pid].append(seq)
+        except Exception as e:  # reported by the test thread
+            errors.append(e)
+
+    total = len(views) * per_producer
+    threads = [threading.Thread(target=produce, args=(i, v)) for i, v in enumerate(views)]
+    threads += [
+        threading.Thread(target=consume, args=(0, views[0], total // 2)),
+        threading.Thread(target=consume, args=(1, views[1], total // 2)),
+    ]
+    for t in threads:
+        t.daemon = True
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+        assert not t.is_alive()
+    assert not errors, errors
+    for pid in range(len(views)):
+        assert sorted(seen[0][pid] + seen[1][pid]) == list(range(per_producer))
+        assert all(s == sorted(s) for s in (seen[0][pid], seen[1][pid]))
+    assert ch.qsize() == 0
+
+
+def _abandon(writer: Any) -> None:
+    """A put of a frame larger than the pipe, with nobody reading: it times
+    out midway and leaves the frame unfinished."""
+    with pytest.raises(queue.Full):
+        writer.put(make_payload("bytes", writer.capacity + CHUNK + 5), timeout=SHORT)
+    assert pipe_bytes(writer) > 0, "the frame was not begun"
+
+
+@pytest.mark.parametrize("writer_core,reader_core", PAIRS)
+def test_abandoned_frame_dropped_by_reader(
+    writer_core: str, reader_core: str, opened: list[Any]
+) -> None:
+    """The reader finds the frame's writer gone and drops what it sent."""
+    writer = load(writer_core).Channel()
+    reader = twin(writer, reader_core)
+    opened += (writer, reader)
+    _abandon(writer)
+    with pytest.raises(queue.Empty):
+        reader.get(timeout=SHORT)
+    assert reader.qsize() == 0 and pipe_bytes(reader) == 0
+    later = ["after", make_payload("bytes", 100), make_payload("bytes", CHUNK + 1)]
+    assert roundtrip(writer, reader, later) == later
+
+
+@pytest.mark.parametrize("writer_core,reader_core", PAIRS)
+def test_abandoned_frame_partly_paid_by_next_writer(
+    writer_core: str, reader_core: str, opened: list[Any]
+) -> None:
+    """The next writer (of the other core) pays what fits of the debt and
+    times out; the reader drops the frame, filler included."""
+    writer = load(writer_core).Channel()
+    other = twin(writer, reader_core)
+    opened += (writer, other)
+    writer.put("first", timeout=TIMEOUT)
+    _abandon(writer)
+    assert other.get(timeout=TIMEOUT) == "first"
+    try:
+        other.put("x", timeout=SHORT)  # the pipe has room for part of the filler
+        expect = ["x"]  # only if the pipe is much larger than a chunk
+    except queue.Full:
+        expect = []
+    got = []
+    with pytest.raises(queue.Empty):
+        while True:
+            got.append(other.get(timeout=SHORT))
+    assert got == expect
+    assert other.qsize() == 0 and pipe_bytes(other) == 0
+    later = ["after", make_payload("bytes", CHUNK + 1)]
+    assert roundtrip(other, writer, later) == later
+
+
+def wlock_held(ch: Any) -> bool:
+    """Whether some thread holds the write lock of pure-core channel ch."""
+    rc = _core_py._trylock(ch._wlock)
+    if rc in (0, _core_py.OWNER_DIED):
+        _core_py._unlock(ch._wlock)
+        return False
+    return True
+
+
+@pytest.mark.parametrize("writer_core,reader_core", PAIRS)
+def test_abandoned_frame_paid_by_next_writer(
+    writer_core: str, reader_core: str, opened: list[Any]
+) -> None:
+    """The next writer (of the other core) holds the write lock while it pays
+    the debt, so the reader cannot forgive it: the frame ends with TORN."""
+    writer = load(writer_core).Channel()
+    other = twin(writer, reader_core)
+    probe = twin(writer, "py")
+    opened += (writer, other, probe)
+    _abandon(writer)
+    later = ["after", make_payload("bytes", 2 * CHUNK)]
+    errors: list[Exception] = []
+
+    def pay_and_put() -> None:
+        try:
+            for obj in later:
+                other.put(obj, timeout=TIMEOUT)
+        except Exception as e:  # reported by the test thread
+            errors.append(e)
+
+    t = threading.Thread(target=pay_and_put, daemon=True)
+    t.start()
+    wait_until(lambda: wlock_held(probe), "the next writer holds the write lock")
+    assert [other.get(timeout=TIMEOUT) for _ in later] == later
+    t.join(TIMEOUT)
+    assert not t.is_alive() and not errors, errors
+    assert other.qsize() == 0 and pipe_bytes(other) == 0
+
+
+@pytest.mark.parametrize("writer_core,reader_core", PAIRS)
+def test_abandoned_frame_with_writer_and_reader_racing(
+    writer_core: str, reader_core: str, opened: list[Any]
+) -> None:
+    """Whether the next writer ends the frame with TORN or the reader finds
+    its writer gone first, the frame is dropped whole."""
+    writer = load(writer_core).Channel()
+    reader = twin(writer, reader_core)
+    opened += (writer, reader)
+    _abandon(writer)
+    later = ["after", make_payload("bytes", CHUNK // 2), make_payload("bytes", 2 * CHUNK)]
+    assert roundtrip(writer, reader, later) == later
+    assert reader.qsize() == 0
+
+
+# -- both cores on one queue, across processes
+
+
+def _other(core: str) -> str:
+    return "py" if core == "c" else "c"
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("creator", list(CORES))
+def test_child_of_other_core_produces(method: str, creator: str, children: Children) -> None:
+    ch = load(creator).Channel()
+    try:
+        user = _other(creator)
+        ctx = multiprocessing.get_context(method)
+        p = children.start(ctx, produce_payloads, Handoff(ch, user), user)
+        for i, want in enumerate(payloads()):
+            got = ch.get(timeout=TIMEOUT)
+            assert same(got, want), f"payload {i}: got {type(got)}"
+        children.join_ok(p)
+        assert ch.qsize() == 0
+    finally:
+        ch.close()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("creator", list(CORES))
+def test_child_of_other_core_consumes(method: str, creator: str, children: Children) -> None:
+    ch = load(creator).Channel()
+    try:
+        user = _other(creator)
+        ctx = multiprocessing.get_context(method)
+        p = children.start(ctx, consume_payloads, Handoff(ch, user), user)
+        for obj in payloads():
+            ch.put(obj, timeout=TIMEOUT)
+        children.join_ok(p)
+        assert ch.qsize() == 0
+    finally:
+        ch.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs robust mutexes")
+@pytest.mark.parametrize("reader_core", list(CORES))
+@pytest.mark.parametrize("writer_core", list(CORES))
+def test_frame_begun_by_killed_reader_is_skipped(
+    writer_core: str, reader_core: str, forked: Forked, opened: list[Any]
+) -> None:
+    """A reader killed mid-frame leaves the read lock to a successor, which
+    drops the rest of that frame and reads on."""
+    ch = load(writer_core).Channel()
+    reader = twin(ch, reader_core)
+    probe = twin(ch, "py")  # reads the shared page's counters
+    opened += (ch, reader, probe)
+    size = ch.capacity + 70_000
+    writer = forked.fork(lambda: ch.put(b"\x01" * size, timeout=CHILD_TIMEOUT))
+    wait_until(lambda: pipe_bytes(ch) > 0, "the writer began its frame")
+    os.kill(writer, signal.SIGSTOP)  # holding the write lock, mid-frame
+    try:
+        os.waitpid(writer, os.WUNTRACED)
+        written = pipe_bytes(ch)
+        victim = forked.fork(lambda: reader.get(timeout=CHILD_TIMEOUT))
+        # Killed only once it has counted every byte it read: a kill between
+        # a read and its count would leave the successor misplaced.
+        wait_until(
+            lambda: probe._rd_pos.value == written, "the reader counted every byte in the pipe"
+        )
+        os.kill(victim, signal.SIGKILL)  # holding the read lock, mid-frame
+        os.waitpid(victim, 0)
+        forked.pids.discard(victim)
+    finally:
+        os.kill(writer, signal.SIGCONT)
+    forked.wait_ok(writer)
+    ch.put("after", timeout=TIMEOUT)
+    assert reader.get(timeout=TIMEOUT) == "after"
+    assert reader.qsize() == 0 and pipe_bytes(ch) == 0
