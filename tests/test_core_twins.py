@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import select
 import signal
 import sys
 import termios
@@ -593,3 +594,116 @@ def test_frame_begun_by_killed_reader_is_skipped(
     ch.put("after", timeout=TIMEOUT)
     assert reader.get(timeout=TIMEOUT) == "after"
     assert reader.qsize() == 0 and pipe_bytes(ch) == 0
+
+
+# -- a writer SIGKILLed between a write and recording how far it got
+
+
+def _die_inside_write(w: Any, wire: bytes, n: int) -> None:
+    """In a forked child, through w (a pure-core Channel, whose page fields
+    Python can reach): leave the page as a writer does that is killed after
+    its writev() put n bytes of `wire` in the pipe, before it stored its new
+    WR_POS.  Exits holding the write lock, as such a writer does."""
+    assert w._lock(w._wlock, -1) == 0
+    w._page[_shm.O_WR_HDR : _shm.O_WR_HDR + _shm.HDR] = wire[: _shm.HDR]
+    w._wr_pos.value = 0
+    w._wr_end.value = len(wire)
+    w._puts.value += 1
+    w._wr_try.value = len(wire)  # the writev asked for the whole frame
+    if n:
+        os.write(w.writer_fileno(), wire[:n])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs robust mutexes")
+@pytest.mark.parametrize("writer_first", [False, True], ids=["reader-first", "writer-first"])
+@pytest.mark.parametrize("cut", ["none", "in-header", "in-body", "whole"])
+@pytest.mark.parametrize("writer_core,reader_core", PAIRS)
+def test_writer_killed_inside_a_write(
+    writer_core: str,
+    reader_core: str,
+    cut: str,
+    writer_first: bool,
+    forked: Forked,
+    opened: list[Any],
+) -> None:
+    """Where such a writer stopped is known only to lie in [WR_POS, WR_TRY].
+    Readers settle it once they have read every byte; writers wait for that
+    rather than guess.  A frame that went out whole is delivered; one cut
+    short is dropped whole; the queue goes on."""
+    writer = load(writer_core).Channel()
+    reader = twin(writer, reader_core)
+    probe = twin(writer, "py")
+    source = _core_py.Channel()
+    opened += (writer, reader, probe, source)
+    obj = make_payload("bytes", 300)
+    source.put(obj)
+    wire = os.read(source.fileno(), 1 << 16)
+    assert len(wire) == _shm.wire_size(len(obj))
+    n = {"none": 0, "in-header": 5, "in-body": _shm.HDR + 100, "whole": len(wire)}[cut]
+    forked.wait_ok(forked.fork(lambda: _die_inside_write(probe, wire, n)))
+    want = [obj, "after"] if cut == "whole" else ["after"]
+    got: list[Any] = []
+    if writer_first:
+        t = threading.Thread(target=writer.put, args=("after", TIMEOUT), daemon=True)
+        t.start()
+        got += [reader.get(timeout=TIMEOUT) for _ in want]
+        t.join(TIMEOUT)
+        assert not t.is_alive()
+    else:
+        if cut == "whole":
+            got.append(reader.get(timeout=TIMEOUT))
+        else:
+            with pytest.raises(queue.Empty):
+                reader.get(timeout=SHORT)
+        writer.put("after", timeout=TIMEOUT)
+        got.append(reader.get(timeout=TIMEOUT))
+    assert got == want
+    assert reader.qsize() == 0 and pipe_bytes(reader) == 0
+    later = ["again", make_payload("bytes", CHUNK + 1)]
+    assert roundtrip(writer, reader, later) == later
+
+
+def _hold_write_lock(ch: Any, held: threading.Event, seconds: float) -> threading.Thread:
+    """A thread that holds ch's write lock (through a pure-core twin) for a while."""
+    probe = twin(ch, "py")
+
+    def hold() -> None:
+        assert probe._lock(probe._wlock, -1) == 0
+        held.set()
+        time.sleep(seconds)
+        _core_py._unlock(probe._wlock)
+        probe.close()
+
+    t = threading.Thread(target=hold, daemon=True)
+    t.start()
+    assert held.wait(TIMEOUT)
+    return t
+
+
+def test_nonblocking_put_waits_for_a_busy_write_lock(new: Callable[..., Any]) -> None:
+    """Another writer holding the lock is not a full queue: put(timeout=0),
+    which put_nowait() becomes, waits for it as the stdlib's does for its own
+    lock (logging's QueueHandler relies on put_nowait)."""
+    ch = new()
+    t = _hold_write_lock(ch, threading.Event(), 0.3)
+    ch.put("x", 0)
+    t.join(TIMEOUT)
+    assert ch.get(timeout=TIMEOUT) == "x"
+
+
+def test_nonblocking_put_on_a_full_pipe_fails_fast(new: Callable[..., Any]) -> None:
+    """With no room for the frame, a busy lock does not make put(timeout=0) wait."""
+    ch = new()
+    # Frames of exactly one page fill a Linux pipe to the byte.
+    item = make_payload("bytes", select.PIPE_BUF - _shm.wire_size(0))
+    while True:
+        try:
+            ch.put(item, 0)
+        except queue.Full:
+            break
+    t = _hold_write_lock(ch, threading.Event(), 2.0)
+    start = time.monotonic()
+    with pytest.raises(queue.Full):
+        ch.put(item, 0)
+    assert time.monotonic() - start < 1.5
+    t.join(TIMEOUT)

@@ -202,6 +202,7 @@ cdef size_t SHM_SIZE = _shm.SHM_SIZE
 cdef size_t O_PUTS = _shm.O_PUTS
 cdef size_t O_WR_POS = _shm.O_WR_POS
 cdef size_t O_WR_END = _shm.O_WR_END
+cdef size_t O_WR_TRY = _shm.O_WR_TRY
 cdef size_t O_WR_HDR = _shm.O_WR_HDR
 cdef size_t O_WAITERS = _shm.O_WAITERS
 cdef size_t O_GETS = _shm.O_GETS
@@ -217,6 +218,18 @@ cdef int64_t MIDFRAME_SLICE_NS = 20_000_000
 # A producer waiting for room re-checks this often even without a wake-up
 # (the wake-up protocol is exact for the compiled core; this covers the rest).
 cdef int64_t ROOM_SLICE_NS = 100_000_000
+# How often a writer looks again at a frame whose writer was killed inside a
+# write, until the readers have settled where it stopped.
+cdef int64_t SETTLE_NAP_NS = 2_000_000
+# How long past its deadline a put waits for another writer's lock while the
+# pipe has room for its frame.
+cdef int64_t LOCK_GRACE_NS = 5_000_000_000
+# What _begin_frame asks of _put_frame.
+cdef enum:
+    PUT_DONE = 1
+    PUT_AGAIN = 2
+    PUT_PIPE_FULL = 3
+    PUT_UNSETTLED = 4
 # Longest single poll(); longer waits loop (poll takes an int of ms).
 cdef int64_t MAX_POLL_MS = 86_400_000
 
@@ -583,8 +596,7 @@ cdef class Channel:
 
     cdef int _put_frame(self, uint8_t *hdr, iovec *iov, int niov, uint64_t total,
                         int64_t deadline) except -1:
-        cdef int st, r
-        cdef uint8_t *shm
+        cdef int r
         # A frame that fits in the pipe is begun only once it fits whole, so a
         # timeout never cuts it; only a frame larger than the pipe is streamed
         # (holding the write lock) and can be left unfinished.
@@ -598,35 +610,73 @@ cdef class Channel:
                 if not self._wait_space(total, deadline):
                     raise queue.Full
                 continue
-            st = self._lock(O_WLOCK, deadline)
-            if st == TIMED_OUT:
+            if self._lock_writer(deadline, total) == TIMED_OUT:
                 raise queue.Full
-            shm = self._shm
             try:
-                if pq_load(shm + O_WR_END) and not self._pay_debt(deadline):
-                    raise queue.Full
-                if self.maxsize > 0 and self._count() >= self.maxsize:
-                    continue  # another producer took the last slot
-                if sized and not self._has_room(total):
-                    continue
-                # Record the frame before its first byte moves, so that whoever
-                # takes the lock after us can end it if we stop midway.
-                memcpy(shm + O_WR_HDR, hdr, HDR)
-                pq_store(shm + O_WR_POS, 0)
-                pq_store(shm + O_WR_END, total)
-                pq_store(shm + O_PUTS, pq_load(shm + O_PUTS) + 1)
-                r = self._write_iov(iov, niov, deadline, True)
-                if r == 1:
-                    pq_store(shm + O_WR_END, 0)
-                    return 0
-                if r == 0:
-                    raise queue.Full
-                # r == 2: the pipe was full before our first byte and the frame
-                # was taken back.  Wait for space without the lock.
+                r = self._begin_frame(hdr, iov, niov, total, sized, deadline)
             finally:
                 self._unlock(O_WLOCK)
-            if not self._wait_fd(self._wfd, POLLOUT, deadline):
+            if r == PUT_DONE:
+                return 0
+            if r == PUT_UNSETTLED:
+                # A writer was killed inside a write; wait (not holding the
+                # lock) for a reader to drain the pipe and settle where it
+                # stopped.
+                if not self._nap(SETTLE_NAP_NS, deadline):
+                    raise queue.Full
+            elif r == PUT_PIPE_FULL:
+                if not self._wait_fd(self._wfd, POLLOUT, deadline):
+                    raise queue.Full
+
+    cdef int _lock_writer(self, int64_t deadline, uint64_t room) except -1:
+        """Take the write lock for a put.  Another writer holds it only while
+        its frame goes in, and the stdlib's put() never fails for want of its
+        internal lock: so, while the pipe has `room` bytes free, keep waiting
+        past the deadline (up to LOCK_GRACE_NS), which is how put_nowait()
+        on a queue with room succeeds when another process is mid-put."""
+        cdef int st
+        cdef int64_t now
+        if deadline < 0:
+            return self._lock(O_WLOCK, -1)
+        while True:
+            now = pq_now_ns()
+            st = self._lock(O_WLOCK, deadline if deadline > now else now + LOCK_SLICE_NS)
+            if st != TIMED_OUT:
+                return st
+            if not self._has_room(room) or pq_now_ns() >= deadline + LOCK_GRACE_NS:
+                return TIMED_OUT
+
+    cdef int _begin_frame(self, uint8_t *hdr, iovec *iov, int niov, uint64_t total,
+                          bint sized, int64_t deadline) except -1:
+        """Holding the write lock: write the frame.  PUT_DONE, or what to
+        wait for (not holding the lock) before trying again."""
+        cdef uint8_t *shm = self._shm
+        cdef int r
+        if pq_load(shm + O_WR_END):
+            r = self._pay_debt(deadline)
+            if r == 0:
                 raise queue.Full
+            if r == 2:
+                return PUT_UNSETTLED
+        if self.maxsize > 0 and self._count() >= self.maxsize:
+            return PUT_AGAIN  # another producer took the last slot
+        if sized and not self._has_room(total):
+            return PUT_AGAIN
+        # Record the frame before its first byte moves, so that whoever
+        # takes the lock after us can end it if we stop midway.
+        memcpy(shm + O_WR_HDR, hdr, HDR)
+        pq_store(shm + O_WR_POS, 0)
+        pq_store(shm + O_WR_TRY, 0)
+        pq_store(shm + O_WR_END, total)
+        pq_store(shm + O_PUTS, pq_load(shm + O_PUTS) + 1)
+        r = self._write_iov(iov, niov, deadline, True)
+        if r == 1:
+            pq_store(shm + O_WR_END, 0)
+            return PUT_DONE
+        if r == 0:
+            raise queue.Full
+        # The pipe was full before our first byte and the frame was taken back.
+        return PUT_PIPE_FULL
 
     cdef inline bint _has_room(self, uint64_t total) noexcept:
         cdef int used = pq_fionread(self._rfd)
@@ -666,18 +716,29 @@ cdef class Channel:
         is taken back."""
         cdef uint8_t *shm = self._shm
         cdef ssize_t n
-        cdef int err, i = 0, cnt
+        cdef int err, i = 0, cnt, k
+        cdef uint64_t pos, want
         cdef bint ok = False
         try:
             while i < niov:
                 cnt = niov - i
                 if cnt > IOV_CAP:
                     cnt = IOV_CAP
+                pos = pq_load(shm + O_WR_POS)
+                want = 0
+                for k in range(i, i + cnt):
+                    want += iov[k].iov_len
                 with nogil:
+                    # Both stores are as close to the syscall as C allows, so
+                    # that a SIGKILL leaves WR_POS exact, or at worst inside
+                    # [WR_POS, WR_TRY] for _settle to resolve.
+                    pq_store(shm + O_WR_TRY, pos + want)
                     n = writev(self._wfd, iov + i, cnt)
                     err = errno
+                    if n >= 0:
+                        pq_store(shm + O_WR_POS, pos + <uint64_t>n)
+                    pq_store(shm + O_WR_TRY, pq_load(shm + O_WR_POS))
                 if n >= 0:
-                    pq_store(shm + O_WR_POS, pq_load(shm + O_WR_POS) + <uint64_t>n)
                     i = _advance(iov, niov, i, n)
                 elif n < 0 and err == EINTR:
                     PyErr_CheckSignals()
@@ -699,11 +760,14 @@ cdef class Channel:
     cdef int _pay_debt(self, int64_t deadline) except -1:
         """End a frame that an earlier writer left unfinished: fill up the
         chunk it stopped in and mark the frame TORN.  At most one chunk of
-        filler.  Holding the write lock; 0 if the deadline passed first."""
+        filler.  Holding the write lock: 1 when paid, 0 if the deadline
+        passed first, 2 if where that writer stopped is not known yet."""
         cdef uint8_t *shm = self._shm
         cdef uint64_t pos, mark, n, length = _get_u64(shm + O_WR_HDR + 8)
         cdef iovec iov[2]
         cdef int niov
+        if not self._settle():
+            return 2
         while pq_load(shm + O_WR_END):
             pos = pq_load(shm + O_WR_POS)
             if pos >= pq_load(shm + O_WR_END):
@@ -729,6 +793,65 @@ cdef class Channel:
                 return 0
             if pos >= HDR and pos == _next_mark(pos, length):
                 pq_store(shm + O_WR_END, 0)  # the TORN marker is out
+        return 1
+
+    cdef int _settle(self) except -1:
+        """Holding the write lock, with a frame left unfinished: make WR_POS
+        exact.  A writer killed between a write and storing its new position
+        leaves it somewhere in [WR_POS, WR_TRY].  Once every byte in the pipe
+        is read and no reader is busy, the readers' own count tells it.
+        1 when WR_POS is exact (or the frame is settled), 0 if not yet."""
+        cdef uint8_t *shm = self._shm
+        cdef uint64_t wpos = pq_load(shm + O_WR_POS)
+        cdef uint64_t wtry = pq_load(shm + O_WR_TRY)
+        cdef uint64_t end = pq_load(shm + O_WR_END)
+        cdef uint64_t rpos, pending, pos
+        cdef int st
+        if wtry <= wpos:
+            return 1
+        st = pq_mutex_trylock(shm + O_RLOCK)
+        if st != 0 and st != PQ_OWNERDEAD:
+            return 0
+        try:
+            if pq_fionread(self._rfd) != 0:
+                return 0
+            rpos = pq_load(shm + O_RD_POS)
+            pending = pq_load(shm + O_PUTS) - pq_load(shm + O_GETS)
+            if rpos:
+                pos = rpos  # a reader is inside this frame, and read all of it
+            elif pending == 0:
+                pos = end  # the frame went out whole and was read
+            elif pending == 1 and wpos == 0:
+                pos = 0  # not one byte of it reached the pipe
+            else:
+                return 0
+            if pos < wpos or pos > wtry:
+                return 0
+            pq_store(shm + O_WR_POS, pos)
+            pq_store(shm + O_WR_TRY, pos)
+            if pos == 0:
+                # The frame never existed.
+                pq_store(shm + O_WR_END, 0)
+                pq_store(shm + O_PUTS, pq_load(shm + O_PUTS) - 1)
+            return 1
+        finally:
+            self._unlock(O_RLOCK)
+
+    cdef int _nap(self, int64_t ns, int64_t deadline) except -1:
+        """Sleep ns, or until the deadline if sooner; 0 if it has passed."""
+        cdef timespec ts
+        cdef int64_t left
+        if deadline >= 0:
+            left = deadline - pq_now_ns()
+            if left <= 0:
+                return 0
+            if left < ns:
+                ns = left
+        ts.tv_sec = ns // 1_000_000_000
+        ts.tv_nsec = ns % 1_000_000_000
+        with nogil:
+            nanosleep(&ts, NULL)
+        PyErr_CheckSignals()
         return 1
 
     cdef int _wait_room(self, int64_t deadline) except -1:
@@ -838,6 +961,8 @@ cdef class Channel:
         with nogil:
             n = read(self._rfd, shm + O_RD_HDR, HDR)
             err = errno
+            if n > 0:
+                pq_store(shm + O_RD_POS, <uint64_t>n)
         if n < 0:
             if err == EAGAIN or err == EWOULDBLOCK:
                 return None
@@ -847,7 +972,6 @@ cdef class Channel:
             _raise_errno(err)
         if n == 0:
             raise EOFError("pipeq: every write end of the pipe is closed")
-        pq_store(shm + O_RD_POS, <uint64_t>n)
         if n < HDR and not self._finish_header():
             self._frame_done()
             return False
@@ -1004,8 +1128,9 @@ cdef class Channel:
             with nogil:
                 n = readv(self._rfd, iov + i, cnt)
                 err = errno
+                if n > 0:  # counted at once: see _write_iov
+                    pq_store(shm + O_RD_POS, pq_load(shm + O_RD_POS) + <uint64_t>n)
             if n > 0:
-                pq_store(shm + O_RD_POS, pq_load(shm + O_RD_POS) + <uint64_t>n)
                 i = _advance(iov, niov, i, n)
             elif n == 0:
                 raise EOFError("pipeq: every write end of the pipe is closed")
@@ -1032,6 +1157,13 @@ cdef class Channel:
                 return 0
             wpos = pq_load(shm + O_WR_POS)
             rpos = pq_load(shm + O_RD_POS)
+            if (pq_load(shm + O_WR_END) and wpos < rpos
+                    and rpos <= pq_load(shm + O_WR_TRY)):
+                # Its writer was killed between a write and storing how far
+                # it got: every byte it wrote is read, so rpos is that far.
+                wpos = rpos
+                pq_store(shm + O_WR_POS, wpos)
+                pq_store(shm + O_WR_TRY, wpos)
             if pq_load(shm + O_WR_END) == 0 or wpos != rpos:
                 pq_store(shm + O_RD_POS, 0)
                 raise StreamError(

@@ -47,6 +47,15 @@ OWNER_DIED = -1
 TIMED_OUT = -2
 # _write_iov results
 WRITE_TIMEOUT, WRITE_DONE, WRITE_RETRY = 0, 1, 2
+DEBT_TIMEOUT, DEBT_PAID, DEBT_UNSETTLED = 0, 1, 2
+# How often a writer looks again at a frame whose writer was killed inside a
+# write, until the readers have settled where it stopped.
+SETTLE_NAP_NS = 2_000_000
+# How long past its deadline a put waits for another writer's lock while the
+# pipe has room for its frame.
+LOCK_GRACE_NS = 5_000_000_000
+# What _begin_frame asks of _put_frame.
+PUT_DONE, PUT_AGAIN, PUT_PIPE_FULL, PUT_UNSETTLED = 1, 2, 3, 4
 # _read_span results
 SPAN_TORN, SPAN_MORE, SPAN_END = 0, 1, 2
 
@@ -217,6 +226,17 @@ def _fionread(fd: int) -> int:
     return int.from_bytes(buf, sys.byteorder, signed=True)
 
 
+def _nap(ns: int, deadline: int) -> bool:
+    """Sleep ns, or until the deadline if sooner; False if it has passed."""
+    if deadline >= 0:
+        left = deadline - time.monotonic_ns()
+        if left <= 0:
+            return False
+        ns = min(ns, left)
+    time.sleep(ns / 1e9)
+    return True
+
+
 def _wait_fd(fd: int, events: int, deadline: int) -> bool:
     """True when fd is ready, False when the deadline passed first.  poll()
     runs the signal handlers on EINTR and retries (PEP 475)."""
@@ -289,7 +309,7 @@ class Channel:
     __slots__ = (
         "_rfd", "_wfd", "_shmfd", "_nrfd", "_nwfd", "_maxsize", "_capacity",
         "_closed", "_mm", "_page", "_wlock", "_rlock", "_puts",
-        "_gets", "_wr_pos", "_wr_end", "_waiters", "_rd_pos", "_rd_hdr", "_marker",
+        "_gets", "_wr_pos", "_wr_end", "_wr_try", "_waiters", "_rd_pos", "_rd_hdr", "_marker",
     )  # fmt: skip
 
     def __init__(self, maxsize: int = 0) -> None:
@@ -313,6 +333,7 @@ class Channel:
         self._gets = ctypes.c_uint64.from_buffer(self._mm, _shm.O_GETS)
         self._wr_pos = ctypes.c_uint64.from_buffer(self._mm, _shm.O_WR_POS)
         self._wr_end = ctypes.c_uint64.from_buffer(self._mm, _shm.O_WR_END)
+        self._wr_try = ctypes.c_uint64.from_buffer(self._mm, _shm.O_WR_TRY)
         self._waiters = ctypes.c_uint64.from_buffer(self._mm, _shm.O_WAITERS)
         self._rd_pos = ctypes.c_uint64.from_buffer(self._mm, _shm.O_RD_POS)
         self._rd_hdr = self._page[_shm.O_RD_HDR : _shm.O_RD_HDR + HDR]
@@ -454,33 +475,71 @@ class Channel:
                 if not self._wait_space(total, deadline):
                     raise queue.Full
                 continue
-            if self._lock(self._wlock, deadline) == TIMED_OUT:
+            if self._lock_writer(deadline, total) == TIMED_OUT:
                 raise queue.Full
             try:
-                if self._wr_end.value and not self._pay_debt(deadline):
-                    raise queue.Full
-                if maxsize > 0 and self._count() >= maxsize:
-                    continue  # another producer took the last slot
-                if sized and not self._has_room(total):
-                    continue
-                # Record the frame before its first byte moves, so that whoever
-                # takes the lock after us can end it if we stop midway.
-                self._page[_shm.O_WR_HDR : _shm.O_WR_HDR + HDR] = hdr
-                self._wr_pos.value = 0
-                self._wr_end.value = total
-                self._puts.value += 1
-                r = self._write_iov(iov, deadline, True)
-                if r == WRITE_DONE:
-                    self._wr_end.value = 0
-                    return
-                if r == WRITE_TIMEOUT:
-                    raise queue.Full
-                # WRITE_RETRY: the pipe was full before our first byte and the
-                # frame was taken back.  Wait for space without the lock.
+                r = self._begin_frame(hdr, iov, total, sized, deadline)
             finally:
                 _unlock(self._wlock)
-            if not _wait_fd(self._wfd, select.POLLOUT, deadline):
+            if r == PUT_DONE:
+                return
+            if r == PUT_UNSETTLED:
+                # A writer was killed inside a write; wait (not holding the
+                # lock) for a reader to drain the pipe and settle where it
+                # stopped.
+                if not _nap(SETTLE_NAP_NS, deadline):
+                    raise queue.Full
+            elif r == PUT_PIPE_FULL:
+                if not _wait_fd(self._wfd, select.POLLOUT, deadline):
+                    raise queue.Full
+
+    def _lock_writer(self, deadline: int, room: int) -> int:
+        """Take the write lock for a put.  Another writer holds it only while
+        its frame goes in, and the stdlib's put() never fails for want of its
+        internal lock: so, while the pipe has `room` bytes free, keep waiting
+        past the deadline (up to LOCK_GRACE_NS), which is how put_nowait()
+        on a queue with room succeeds when another process is mid-put."""
+        if deadline < 0:
+            return self._lock(self._wlock, -1)
+        while True:
+            now = time.monotonic_ns()
+            st = self._lock(self._wlock, deadline if deadline > now else now + LOCK_SLICE_NS)
+            if st != TIMED_OUT:
+                return st
+            if not self._has_room(room) or time.monotonic_ns() >= deadline + LOCK_GRACE_NS:
+                return TIMED_OUT
+
+    def _begin_frame(
+        self, hdr: bytes, iov: list[memoryview], total: int, sized: bool, deadline: int
+    ) -> int:
+        """Holding the write lock: write the frame.  PUT_DONE, or what to
+        wait for (not holding the lock) before trying again."""
+        if self._wr_end.value:
+            r = self._pay_debt(deadline)
+            if r == DEBT_TIMEOUT:
                 raise queue.Full
+            if r == DEBT_UNSETTLED:
+                return PUT_UNSETTLED
+        if self._maxsize > 0 and self._count() >= self._maxsize:
+            return PUT_AGAIN  # another producer took the last slot
+        if sized and not self._has_room(total):
+            return PUT_AGAIN
+        # Record the frame before its first byte moves, so that whoever
+        # takes the lock after us can end it if we stop midway.
+        self._page[_shm.O_WR_HDR : _shm.O_WR_HDR + HDR] = hdr
+        self._wr_pos.value = 0
+        self._wr_try.value = 0
+        self._wr_end.value = total
+        self._puts.value += 1
+        r = self._write_iov(iov, deadline, True)
+        if r == WRITE_DONE:
+            self._wr_end.value = 0
+            return PUT_DONE
+        if r == WRITE_TIMEOUT:
+            raise queue.Full
+        # WRITE_RETRY: the pipe was full before our first byte and the frame
+        # was taken back.
+        return PUT_PIPE_FULL
 
     def _has_room(self, total: int) -> bool:
         used = _fionread(self._rfd)
@@ -511,20 +570,29 @@ class Channel:
         WRITE_RETRY when a frame's first write found the pipe full.  A frame
         stopped after its first byte is left as debt for the next lock holder;
         one stopped before it is taken back."""
-        wr_pos = self._wr_pos
+        wr_pos, wr_try = self._wr_pos, self._wr_try
         ok = False
         try:
             i = 0
             while i < len(iov):
+                part = iov[i : i + IOV_CAP]
+                # A kill between the write and the store below leaves the
+                # true position in [WR_POS, WR_TRY], for _settle to resolve.
+                wr_try.value = wr_pos.value + sum(v.nbytes for v in part)
                 try:
-                    n = os.writev(self._wfd, iov[i : i + IOV_CAP])
+                    n = os.writev(self._wfd, part)
                 except BlockingIOError:
+                    wr_try.value = wr_pos.value
                     if frame and wr_pos.value == 0:
                         return WRITE_RETRY
                     if not _wait_fd(self._wfd, select.POLLOUT, deadline):
                         return WRITE_TIMEOUT
                     continue
+                except BaseException:
+                    wr_try.value = wr_pos.value
+                    raise
                 wr_pos.value += n
+                wr_try.value = wr_pos.value
                 i = _advance(iov, i, n)
             ok = True
             return WRITE_DONE
@@ -534,10 +602,14 @@ class Channel:
                 self._wr_end.value = 0
                 self._puts.value -= 1
 
-    def _pay_debt(self, deadline: int) -> bool:
+    def _pay_debt(self, deadline: int) -> int:
         """End a frame that an earlier writer left unfinished: fill up the
         chunk it stopped in and mark the frame TORN.  At most one chunk of
-        filler.  Holding the write lock; False if the deadline passed first."""
+        filler.  Holding the write lock: DEBT_PAID, DEBT_TIMEOUT if the
+        deadline passed first, DEBT_UNSETTLED if where that writer stopped is
+        not known yet."""
+        if not self._settle():
+            return DEBT_UNSETTLED
         length = int.from_bytes(self._page[_shm.O_WR_HDR + 8 : _shm.O_WR_HDR + HDR], "little")
         while self._wr_end.value:
             pos = self._wr_pos.value
@@ -551,10 +623,46 @@ class Channel:
                 mark = _next_mark(pos, length)
                 iov = [_ZEROS[: min(mark - pos, SCRATCH)] if pos < mark else _TORN]
             if not self._write_iov(iov, deadline, False):
-                return False
+                return DEBT_TIMEOUT
             if pos >= HDR and pos == _next_mark(pos, length):
                 self._wr_end.value = 0  # the TORN marker is out
-        return True
+        return DEBT_PAID
+
+    def _settle(self) -> bool:
+        """Holding the write lock, with a frame left unfinished: make WR_POS
+        exact.  A writer killed between a write and storing its new position
+        leaves it somewhere in [WR_POS, WR_TRY].  Once every byte in the pipe
+        is read and no reader is busy, the readers' own count tells it.
+        True when WR_POS is exact (or the frame is settled), False if not yet."""
+        wpos, wtry, end = self._wr_pos.value, self._wr_try.value, self._wr_end.value
+        if wtry <= wpos:
+            return True
+        st = _trylock(self._rlock)
+        if st != 0 and st != OWNER_DIED:
+            return False
+        try:
+            if _fionread(self._rfd) != 0:
+                return False
+            rpos = self._rd_pos.value
+            pending = self._puts.value - self._gets.value
+            if rpos:
+                pos = rpos  # a reader is inside this frame, and read all of it
+            elif pending == 0:
+                pos = end  # the frame went out whole and was read
+            elif pending == 1 and wpos == 0:
+                pos = 0  # not one byte of it reached the pipe
+            else:
+                return False
+            if not wpos <= pos <= wtry:
+                return False
+            self._wr_pos.value = self._wr_try.value = pos
+            if pos == 0:
+                # The frame never existed.
+                self._wr_end.value = 0
+                self._puts.value -= 1
+            return True
+        finally:
+            _unlock(self._rlock)
 
     def _wait_room(self, deadline: int) -> bool:
         """Wait for a get() to free a slot (maxsize > 0).  False on timeout.
@@ -811,6 +919,10 @@ class Channel:
                 return False
             wpos = self._wr_pos.value
             rpos = self._rd_pos.value
+            if self._wr_end.value and wpos < rpos <= self._wr_try.value:
+                # Its writer was killed between a write and storing how far
+                # it got: every byte it wrote is read, so rpos is that far.
+                wpos = self._wr_pos.value = self._wr_try.value = rpos
             if self._wr_end.value == 0 or wpos != rpos:
                 self._rd_pos.value = 0
                 writer = "finished it" if self._wr_end.value == 0 else f"stopped at byte {wpos}"

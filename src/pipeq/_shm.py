@@ -49,6 +49,10 @@ O_WR_POS = 72  # u64, wire bytes of the last frame already in the pipe
 O_WR_END = 80  # u64, that frame's wire size, or 0 once it is complete
 O_WR_HDR = 88  # 16 bytes, that frame's header
 O_WAITERS = 104  # u64, producers waiting for room (maxsize); under the write lock
+# u64: where the write now in the kernel may take WR_POS.  Equal to WR_POS
+# between writes; a writer killed between a write and storing its new WR_POS
+# leaves it larger, and the true position somewhere in [WR_POS, WR_TRY].
+O_WR_TRY = 112
 O_GETS = 128  # u64, frames consumed; written under the read lock
 O_RD_POS = 136  # u64, wire bytes of the current frame already read
 O_RD_HDR = 152  # 16 bytes, the header being read
