@@ -124,8 +124,9 @@ def test_same_public_interface() -> None:
         return {n for n in dir(cls) if not n.startswith("_")}
 
     assert public(_core_py.Channel) == public(_core_c.Channel) == {
-        "capacity", "close", "closed", "empty", "fileno", "full", "get",
-        "maxsize", "put", "qsize", "writer_fileno",
+        "acquire_read_lock", "capacity", "close", "closed", "empty", "fileno",
+        "full", "get", "join", "joinable", "maxsize", "put", "qsize",
+        "release_read_lock", "task_done", "unfinished", "writer_fileno",
     }  # fmt: skip
     assert callable(_core_py._rebuild) and callable(_core_c._rebuild)
 

@@ -104,8 +104,8 @@ cdef extern from *:
     #endif
     }
 
-    static void pq_mutex_unlock(void *p) {
-        pthread_mutex_unlock((pthread_mutex_t *)p);
+    static int pq_mutex_unlock(void *p) {
+        return pthread_mutex_unlock((pthread_mutex_t *)p);
     }
 
     static uint64_t pq_load(void *p) {
@@ -134,7 +134,7 @@ cdef extern from *:
     int pq_mutex_init(void *p) nogil
     int pq_mutex_trylock(void *p) nogil
     int pq_mutex_waitlock(void *p, int64_t ns) nogil
-    void pq_mutex_unlock(void *p) nogil
+    int pq_mutex_unlock(void *p) nogil
     uint64_t pq_load(void *p) nogil
     void pq_store(void *p, uint64_t v) nogil
     void pq_fence() nogil
@@ -210,6 +210,10 @@ cdef size_t O_RD_POS = _shm.O_RD_POS
 cdef size_t O_RD_HDR = _shm.O_RD_HDR
 cdef size_t O_WLOCK = _shm.O_WLOCK
 cdef size_t O_RLOCK = _shm.O_RLOCK
+cdef size_t O_TLOCK = _shm.O_TLOCK
+cdef size_t O_LOST = _shm.O_LOST
+cdef size_t O_DONE = _shm.O_DONE
+cdef size_t O_JOINERS = _shm.O_JOINERS
 
 # Lock waits are sliced so that signal handlers run while a lock is awaited.
 cdef int64_t LOCK_SLICE_NS = 50_000_000
@@ -218,6 +222,9 @@ cdef int64_t MIDFRAME_SLICE_NS = 20_000_000
 # A producer waiting for room re-checks this often even without a wake-up
 # (the wake-up protocol is exact for the compiled core; this covers the rest).
 cdef int64_t ROOM_SLICE_NS = 100_000_000
+# join() re-checks this often even without a wake-up: a frame dropped or
+# taken back can end the last task without a task_done() to wake anyone.
+cdef int64_t JOIN_SLICE_NS = 100_000_000
 # How often a writer looks again at a frame whose writer was killed inside a
 # write, until the readers have settled where it stopped.
 cdef int64_t SETTLE_NAP_NS = 2_000_000
@@ -326,7 +333,7 @@ cdef class Channel:
     timeouts bound the wait and signal handlers run during it.
     """
 
-    cdef int _rfd, _wfd, _shmfd, _nrfd, _nwfd
+    cdef int _rfd, _wfd, _shmfd, _nrfd, _nwfd, _jrfd, _jwfd
     cdef readonly Py_ssize_t maxsize
     cdef readonly Py_ssize_t capacity
     cdef uint8_t *_shm
@@ -334,18 +341,19 @@ cdef class Channel:
 
     def __cinit__(self):
         self._rfd = self._wfd = self._shmfd = self._nrfd = self._nwfd = -1
+        self._jrfd = self._jwfd = -1
         self._shm = NULL
         self._closed = True
 
-    def __init__(self, Py_ssize_t maxsize=0):
+    def __init__(self, Py_ssize_t maxsize=0, bint joinable=False):
         if maxsize < 0:
             maxsize = 0
-        fds = _shm.create(maxsize)
-        self._attach(fds[0], fds[1], fds[2], fds[3], fds[4], maxsize, True)
+        self._attach(_shm.create(maxsize, joinable), maxsize, True)
 
-    cdef _attach(self, int r, int w, int s, int nr, int nw, Py_ssize_t maxsize,
-                 bint fresh):
-        self._rfd, self._wfd, self._shmfd, self._nrfd, self._nwfd = r, w, s, nr, nw
+    cdef _attach(self, tuple fds, Py_ssize_t maxsize, bint fresh):
+        (self._rfd, self._wfd, self._shmfd, self._nrfd, self._nwfd,
+         self._jrfd, self._jwfd) = fds
+        cdef int s = self._shmfd
         self.maxsize = maxsize
         self._shm = <uint8_t *>pq_mmap(s, SHM_SIZE)
         if self._shm == NULL:
@@ -353,19 +361,20 @@ cdef class Channel:
         self._closed = False
         cdef int rc
         if fresh:
-            for off in (O_WLOCK, O_RLOCK):
+            for off in (O_WLOCK, O_RLOCK, O_TLOCK):
                 rc = pq_mutex_init(self._shm + <size_t>off)
                 if rc:
                     _raise_errno(rc)
             _shm.init_header(s, maxsize)
-        self.capacity = _shm.pipe_capacity(w)
+        self.capacity = _shm.pipe_capacity(self._wfd)
 
     def __reduce__(self):
         # Only meaningful while a child process is being started: DupFd hands
         # each fd to the new process.  The queue wrapper enforces that.
         self._check()
         fds = [DupFd(fd) if fd >= 0 else None
-               for fd in (self._rfd, self._wfd, self._shmfd, self._nrfd, self._nwfd)]
+               for fd in (self._rfd, self._wfd, self._shmfd, self._nrfd, self._nwfd,
+                          self._jrfd, self._jwfd)]
         return _rebuild, (*fds, self.maxsize)
 
     def __dealloc__(self):
@@ -376,10 +385,12 @@ cdef class Channel:
 
     cdef void _close_fds(self) noexcept:
         cdef int fd
-        for fd in (self._rfd, self._wfd, self._shmfd, self._nrfd, self._nwfd):
+        for fd in (self._rfd, self._wfd, self._shmfd, self._nrfd, self._nwfd,
+                   self._jrfd, self._jwfd):
             if fd >= 0:
                 close(fd)
         self._rfd = self._wfd = self._shmfd = self._nrfd = self._nwfd = -1
+        self._jrfd = self._jwfd = -1
 
     def close(self):
         """Close this process's fds; the shared page stays mapped until GC."""
@@ -390,6 +401,10 @@ cdef class Channel:
     @property
     def closed(self):
         return self._closed
+
+    @property
+    def joinable(self):
+        return self._jrfd >= 0
 
     def fileno(self):
         """The read end of the pipe, for poll/select-style waiting."""
@@ -892,6 +907,91 @@ cdef class Channel:
             self._unlock(O_WLOCK)
         return deadline < 0 or pq_now_ns() < deadline
 
+    # -- the read lock, for code that takes a queue's _rlock itself ---------
+
+    def acquire_read_lock(self, timeout=None):
+        """Take the read lock (as get() does for one frame).  False on timeout."""
+        self._check()
+        return self._lock(O_RLOCK, _deadline(timeout)) != TIMED_OUT
+
+    def release_read_lock(self):
+        self._check_page()
+        cdef int rc = pq_mutex_unlock(self._shm + O_RLOCK)
+        if rc:
+            _raise_errno(rc)
+
+    # -- tasks (JoinableQueue) ----------------------------------------------
+
+    cdef inline int64_t _unfinished(self) noexcept:
+        cdef uint8_t *shm = self._shm
+        return <int64_t>(pq_load(shm + O_PUTS) - pq_load(shm + O_LOST)
+                         - pq_load(shm + O_DONE))
+
+    cdef int _check_joinable(self) except -1:
+        self._check()
+        if self._jrfd < 0:
+            raise ValueError("channel is not joinable")
+        return 0
+
+    def unfinished(self):
+        """Frames put and not yet marked done with task_done()."""
+        self._check_page()
+        cdef int64_t n = self._unfinished()
+        return n if n > 0 else 0
+
+    def task_done(self):
+        """Mark one frame's task done; ValueError if none is unfinished."""
+        self._check_joinable()
+        cdef uint8_t *shm = self._shm
+        cdef int64_t left
+        cdef uint64_t joiners
+        cdef char b = 0
+        self._lock(O_TLOCK, -1)
+        try:
+            left = self._unfinished()
+            if left <= 0:
+                raise ValueError("task_done() called too many times")
+            pq_store(shm + O_DONE, pq_load(shm + O_DONE) + 1)
+            joiners = pq_load(shm + O_JOINERS) if left == 1 else 0
+        finally:
+            self._unlock(O_TLOCK)
+        # One byte per joiner; a full pipe already holds enough wake-ups.
+        while joiners > 0:
+            joiners -= 1
+            with nogil:
+                write(self._jwfd, &b, 1)
+
+    def join(self, timeout=None):
+        """Wait until every frame put is marked done.  False on timeout."""
+        self._check_joinable()
+        cdef uint8_t *shm = self._shm
+        cdef int64_t deadline = _deadline(timeout), slice_end
+        cdef char b
+        cdef bint done
+        while True:
+            self._lock(O_TLOCK, -1)
+            try:
+                done = self._unfinished() <= 0
+                if not done:
+                    pq_store(shm + O_JOINERS, pq_load(shm + O_JOINERS) + 1)
+            finally:
+                self._unlock(O_TLOCK)
+            if done:
+                return True
+            try:
+                slice_end = pq_now_ns() + JOIN_SLICE_NS
+                if deadline >= 0 and deadline < slice_end:
+                    slice_end = deadline
+                if self._wait_fd(self._jrfd, POLLIN, slice_end):
+                    with nogil:
+                        read(self._jrfd, &b, 1)
+            finally:
+                self._lock(O_TLOCK, -1)
+                pq_store(shm + O_JOINERS, pq_load(shm + O_JOINERS) - 1)
+                self._unlock(O_TLOCK)
+            if deadline >= 0 and pq_now_ns() >= deadline:
+                return self._unfinished() <= 0
+
     # -- reading ----------------------------------------------------------
 
     def get(self, timeout=None):
@@ -913,6 +1013,8 @@ cdef class Channel:
             before = pq_load(self._shm + O_GETS)
             try:
                 frame = self._read_frame()
+                if frame is False:
+                    self._frame_lost()
             finally:
                 taken = pq_load(self._shm + O_GETS) - before
                 self._unlock(O_RLOCK)
@@ -940,6 +1042,10 @@ cdef class Channel:
             taken -= 1
             with nogil:
                 write(self._nwfd, &b, 1)
+
+    cdef void _frame_lost(self) noexcept:
+        """Holding the read lock: a frame begun is never to be delivered."""
+        pq_store(self._shm + O_LOST, pq_load(self._shm + O_LOST) + 1)
 
     cdef void _frame_done(self) noexcept:
         cdef uint8_t *shm = self._shm
@@ -1103,6 +1209,7 @@ cdef class Channel:
         """Drop the rest of a frame that another reader began."""
         cdef uint64_t length, left, n
         cdef int r = SPAN_MORE
+        self._frame_lost()
         if not self._finish_header():
             self._frame_done()
             return 0
@@ -1191,12 +1298,12 @@ cdef int _advance(iovec *iov, int niov, int i, ssize_t n) noexcept:
     return i
 
 
-def _rebuild(r, w, s, nr, nw, Py_ssize_t maxsize):
+def _rebuild(r, w, s, nr, nw, jr, jw, Py_ssize_t maxsize):
     """Unpickle a Channel in a child process from the fds it was handed."""
     cdef Channel self = Channel.__new__(Channel)
-    fds = [d.detach() if d is not None else -1 for d in (r, w, s, nr, nw)]
+    fds = tuple([d.detach() if d is not None else -1 for d in (r, w, s, nr, nw, jr, jw)])
     for fd in fds:
         if fd >= 0:
             os.set_inheritable(fd, False)
-    self._attach(fds[0], fds[1], fds[2], fds[3], fds[4], maxsize, False)
+    self._attach(fds, maxsize, False)
     return self

@@ -40,6 +40,9 @@ LOCK_SLICE_NS = 50_000_000
 MIDFRAME_SLICE_NS = 20_000_000
 # A producer waiting for room re-checks at least this often.
 ROOM_SLICE_NS = 100_000_000
+# join() re-checks this often even without a wake-up: a frame dropped or
+# taken back can end the last task without a task_done() to wake anyone.
+JOIN_SLICE_NS = 100_000_000
 _U64 = (1 << 64) - 1
 
 # _lock results besides 0; negative so that they never clash with an errno.
@@ -307,18 +310,20 @@ class Channel:
     """
 
     __slots__ = (
-        "_rfd", "_wfd", "_shmfd", "_nrfd", "_nwfd", "_maxsize", "_capacity",
-        "_closed", "_mm", "_page", "_wlock", "_rlock", "_puts",
-        "_gets", "_wr_pos", "_wr_end", "_wr_try", "_waiters", "_rd_pos", "_rd_hdr", "_marker",
+        "_rfd", "_wfd", "_shmfd", "_nrfd", "_nwfd", "_jrfd", "_jwfd", "_maxsize",
+        "_capacity", "_closed", "_mm", "_page", "_wlock", "_rlock", "_tlock", "_puts",
+        "_gets", "_wr_pos", "_wr_end", "_wr_try", "_waiters", "_rd_pos", "_rd_hdr",
+        "_marker", "_lost", "_done", "_joiners",
     )  # fmt: skip
 
-    def __init__(self, maxsize: int = 0) -> None:
+    def __init__(self, maxsize: int = 0, joinable: bool = False) -> None:
         maxsize = max(_ssize(maxsize), 0)
-        r, w, s, nr, nw = _shm.create(maxsize)
-        self._attach(r, w, s, nr, nw, maxsize, True)
+        self._attach(_shm.create(maxsize, bool(joinable)), maxsize, True)
 
-    def _attach(self, r: int, w: int, s: int, nr: int, nw: int, maxsize: int, fresh: bool) -> None:
-        self._rfd, self._wfd, self._shmfd, self._nrfd, self._nwfd = r, w, s, nr, nw
+    def _attach(self, fds: tuple[int, ...], maxsize: int, fresh: bool) -> None:
+        (self._rfd, self._wfd, self._shmfd, self._nrfd, self._nwfd,
+         self._jrfd, self._jwfd) = fds  # fmt: skip
+        s = self._shmfd
         self._closed = False  # from here on the fds are ours to close
         self._maxsize = maxsize
         # The page stays mapped until the Channel is collected, so the
@@ -328,6 +333,7 @@ class Channel:
         base = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
         self._wlock = base + _shm.O_WLOCK
         self._rlock = base + _shm.O_RLOCK
+        self._tlock = base + _shm.O_TLOCK
         # Aligned native u64s: one load or store each, as the compiled core's.
         self._puts = ctypes.c_uint64.from_buffer(self._mm, _shm.O_PUTS)
         self._gets = ctypes.c_uint64.from_buffer(self._mm, _shm.O_GETS)
@@ -336,15 +342,18 @@ class Channel:
         self._wr_try = ctypes.c_uint64.from_buffer(self._mm, _shm.O_WR_TRY)
         self._waiters = ctypes.c_uint64.from_buffer(self._mm, _shm.O_WAITERS)
         self._rd_pos = ctypes.c_uint64.from_buffer(self._mm, _shm.O_RD_POS)
+        self._lost = ctypes.c_uint64.from_buffer(self._mm, _shm.O_LOST)
+        self._done = ctypes.c_uint64.from_buffer(self._mm, _shm.O_DONE)
+        self._joiners = ctypes.c_uint64.from_buffer(self._mm, _shm.O_JOINERS)
         self._rd_hdr = self._page[_shm.O_RD_HDR : _shm.O_RD_HDR + HDR]
         self._marker = bytearray(1)  # used only under the read lock
         if fresh:
-            for m in (self._wlock, self._rlock):
+            for m in (self._wlock, self._rlock, self._tlock):
                 rc = _mutex_create(m)
                 if rc:
                     _raise_errno(rc)
             _shm.init_header(s, maxsize)
-        self._capacity = _shm.pipe_capacity(w)
+        self._capacity = _shm.pipe_capacity(self._wfd)
 
     def __reduce__(self) -> tuple[Callable[..., Channel], tuple[Any, ...]]:
         # Only meaningful while a child process is being started: DupFd hands
@@ -357,14 +366,16 @@ class Channel:
         if not getattr(self, "_closed", True):
             self._close_fds()
 
-    def _fds(self) -> tuple[int, int, int, int, int]:
-        return self._rfd, self._wfd, self._shmfd, self._nrfd, self._nwfd
+    def _fds(self) -> tuple[int, ...]:
+        return (self._rfd, self._wfd, self._shmfd, self._nrfd, self._nwfd,
+                self._jrfd, self._jwfd)  # fmt: skip
 
     def _close_fds(self) -> None:
         for fd in self._fds():
             if fd >= 0:
                 os.close(fd)
         self._rfd = self._wfd = self._shmfd = self._nrfd = self._nwfd = -1
+        self._jrfd = self._jwfd = -1
 
     def close(self) -> None:
         """Close this process's fds; the shared page stays mapped until GC."""
@@ -375,6 +386,10 @@ class Channel:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def joinable(self) -> bool:
+        return self._jrfd >= 0
 
     @property
     def maxsize(self) -> int:
@@ -701,6 +716,81 @@ class Channel:
                 _unlock(self._wlock)
         return deadline < 0 or time.monotonic_ns() < deadline
 
+    # -- the read lock, for code that takes a queue's _rlock itself ---------
+
+    def acquire_read_lock(self, timeout: float | None = None) -> bool:
+        """Take the read lock (as get() does for one frame).  False on timeout."""
+        self._check()
+        return self._lock(self._rlock, _deadline(timeout)) != TIMED_OUT
+
+    def release_read_lock(self) -> None:
+        rc = _mutex_unlock(self._rlock)
+        if rc:
+            _raise_errno(rc)
+
+    # -- tasks (JoinableQueue) ----------------------------------------------
+
+    def _unfinished(self) -> int:
+        return _signed((self._puts.value - self._lost.value - self._done.value) & _U64)
+
+    def _check_joinable(self) -> None:
+        self._check()
+        if self._jrfd < 0:
+            raise ValueError("channel is not joinable")
+
+    def unfinished(self) -> int:
+        """Frames put and not yet marked done with task_done()."""
+        return max(self._unfinished(), 0)
+
+    def task_done(self) -> None:
+        """Mark one frame's task done; ValueError if none is unfinished."""
+        self._check_joinable()
+        self._lock(self._tlock, -1)
+        try:
+            left = self._unfinished()
+            if left <= 0:
+                raise ValueError("task_done() called too many times")
+            self._done.value += 1
+            joiners = self._joiners.value if left == 1 else 0
+        finally:
+            _unlock(self._tlock)
+        # One byte per joiner; a full pipe already holds enough wake-ups.
+        for _ in range(joiners):
+            try:
+                os.write(self._jwfd, b"\0")
+            except BlockingIOError:
+                break
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until every frame put is marked done.  False on timeout."""
+        self._check_joinable()
+        deadline = _deadline(timeout)
+        while True:
+            self._lock(self._tlock, -1)
+            try:
+                done = self._unfinished() <= 0
+                if not done:
+                    self._joiners.value += 1
+            finally:
+                _unlock(self._tlock)
+            if done:
+                return True
+            try:
+                slice_end = time.monotonic_ns() + JOIN_SLICE_NS
+                if deadline >= 0:
+                    slice_end = min(slice_end, deadline)
+                if _wait_fd(self._jrfd, select.POLLIN, slice_end):
+                    try:
+                        os.read(self._jrfd, 1)
+                    except BlockingIOError:
+                        pass  # another joiner took this wake-up
+            finally:
+                self._lock(self._tlock, -1)
+                self._joiners.value -= 1
+                _unlock(self._tlock)
+            if deadline >= 0 and time.monotonic_ns() >= deadline:
+                return self._unfinished() <= 0
+
     # -- reading ----------------------------------------------------------
 
     def get(self, timeout: float | None = None) -> Any:
@@ -720,6 +810,8 @@ class Channel:
             before = self._gets.value
             try:
                 frame = self._read_frame()
+                if frame is False:
+                    self._frame_lost()
             finally:
                 taken = (self._gets.value - before) & _U64
                 _unlock(self._rlock)
@@ -746,6 +838,10 @@ class Channel:
                 os.write(self._nwfd, b"\0")
             except BlockingIOError:
                 pass  # the notify pipe is full of wake-ups already
+
+    def _frame_lost(self) -> None:
+        """Holding the read lock: a frame begun is never to be delivered."""
+        self._lost.value += 1
 
     def _frame_done(self) -> None:
         self._rd_pos.value = 0
@@ -874,6 +970,7 @@ class Channel:
 
     def _skip_frame(self) -> None:
         """Drop the rest of a frame that another reader began."""
+        self._frame_lost()
         if not self._finish_header():
             self._frame_done()
             return
@@ -951,6 +1048,8 @@ def _rebuild(
     s: _Detachable | None,
     nr: _Detachable | None,
     nw: _Detachable | None,
+    jr: _Detachable | None,
+    jw: _Detachable | None,
     maxsize: int,
 ) -> Channel:
     """Unpickle a Channel in a child process from the fds it was handed.
@@ -959,9 +1058,9 @@ def _rebuild(
     pipe, the shared page and its locks, so a child may use the other core.
     """
     self = Channel.__new__(Channel)
-    fds = [d.detach() if d is not None else -1 for d in (r, w, s, nr, nw)]
+    fds = tuple([d.detach() if d is not None else -1 for d in (r, w, s, nr, nw, jr, jw)])
     for fd in fds:
         if fd >= 0:
             os.set_inheritable(fd, False)
-    self._attach(fds[0], fds[1], fds[2], fds[3], fds[4], _ssize(maxsize), False)
+    self._attach(fds, _ssize(maxsize), False)
     return self

@@ -55,9 +55,14 @@ O_WAITERS = 104  # u64, producers waiting for room (maxsize); under the write lo
 O_WR_TRY = 112
 O_GETS = 128  # u64, frames consumed; written under the read lock
 O_RD_POS = 136  # u64, wire bytes of the current frame already read
+O_LOST = 144  # u64, frames begun but never delivered (torn, or skipped); read lock
 O_RD_HDR = 152  # 16 bytes, the header being read
+# JoinableQueue: unfinished tasks = PUTS - LOST - DONE.
+O_DONE = 192  # u64, task_done() calls; under the task lock
+O_JOINERS = 200  # u64, processes waiting in join(); under the task lock
 O_WLOCK = 256
 O_RLOCK = 384
+O_TLOCK = 512
 LOCK_SPACE = 128
 
 DEFAULT_PIPE_SIZE = 65536
@@ -113,24 +118,24 @@ def _shared_page() -> int:
     return fd
 
 
-def create(maxsize: int) -> tuple[int, int, int, int, int]:
-    """New fds: data pipe (r, w), shared page, and, for a bounded queue, a
-    pipe that getters use to wake producers waiting for room."""
+def create(maxsize: int, joinable: bool = False) -> tuple[int, ...]:
+    """New fds: data pipe (r, w), shared page; for a bounded queue, a pipe
+    that getters use to wake producers waiting for room; for a joinable one,
+    a pipe that task_done() uses to wake join().  Absent pipes are -1, -1."""
     fds: list[int] = []
     try:
         r, w = _pipe()
         fds += (r, w)
         _enlarge(w)
         fds.append(_shared_page())
-        if maxsize > 0:
-            fds += _pipe()
-        else:
-            fds += (-1, -1)
+        fds += _pipe() if maxsize > 0 else (-1, -1)
+        fds += _pipe() if joinable else (-1, -1)
     except BaseException:
         for fd in fds:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         raise
-    return fds[0], fds[1], fds[2], fds[3], fds[4]
+    return tuple(fds)
 
 
 def init_header(fd: int, maxsize: int) -> None:
