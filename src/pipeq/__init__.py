@@ -3,8 +3,8 @@
 from queue import Empty, Full
 
 from pipeq._errors import StreamError
-from pipeq.queues import Queue
+from pipeq.queues import JoinableQueue, Queue, SimpleQueue
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["Empty", "Full", "Queue", "StreamError", "__version__"]
+__all__ = ["Empty", "Full", "JoinableQueue", "Queue", "SimpleQueue", "StreamError", "__version__"]

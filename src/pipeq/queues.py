@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import types
 from multiprocessing.context import BaseContext, assert_spawning
 from queue import Empty, Full
@@ -9,12 +10,99 @@ from typing import Generic, TypeVar
 
 from pipeq._core import Channel
 
-__all__ = ["Queue", "Empty", "Full"]
+__all__ = ["Empty", "Full", "JoinableQueue", "Queue", "SimpleQueue"]
 
 T = TypeVar("T")
 
 
-class Queue(Generic[T]):
+class PipeEnd:
+    """One end of a queue's pipe: enough of a ``multiprocessing.connection.Connection``
+    for ``multiprocessing.connection.wait([q._reader, ...])`` and ``poll()``.
+
+    It is readable when a message has begun to arrive; ``get()`` still reads
+    whole messages only.  It cannot send or receive by itself.
+    """
+
+    __slots__ = ("_channel", "_writable")
+
+    def __init__(self, channel: Channel, writable: bool) -> None:
+        self._channel = channel
+        self._writable = writable
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._channel.closed)
+
+    @property
+    def readable(self) -> bool:
+        return not self._writable
+
+    @property
+    def writable(self) -> bool:
+        return self._writable
+
+    def fileno(self) -> int:
+        if self._channel.closed:
+            raise OSError("handle is closed")
+        fd: int = self._channel.writer_fileno() if self._writable else self._channel.fileno()
+        return fd
+
+    def poll(self, timeout: float | None = 0.0) -> bool:
+        """Whether data is waiting to be read (reader end only)."""
+        if self._writable:
+            raise OSError("connection is write-only")
+        p = select.poll()
+        p.register(self.fileno(), select.POLLIN)
+        return bool(p.poll(None if timeout is None else max(timeout, 0.0) * 1000))
+
+    def close(self) -> None:
+        """Closes the whole queue in this process, as its owner's close() does."""
+        self._channel.close()
+
+    def __repr__(self) -> str:
+        end = "writer" if self._writable else "reader"
+        return f"<pipeq.queues.PipeEnd {end} {'closed' if self.closed else 'open'}>"
+
+
+class ReadLock:
+    """The queue's process-shared read lock, as ``q._rlock``: ``get()`` holds
+    it while it reads one message.  Like multiprocessing's Lock, it is not
+    recursive, and only the thread that took it may release it."""
+
+    __slots__ = ("_channel",)
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        return bool(self._channel.acquire_read_lock(timeout if block else 0))
+
+    def release(self) -> None:
+        self._channel.release_read_lock()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class _Ends:
+    """_reader, _writer and _rlock, the names that code written against
+    multiprocessing's queues reaches for."""
+
+    _channel: Channel
+    _reader: PipeEnd
+    _writer: PipeEnd
+    _rlock: ReadLock
+
+    def _make_ends(self) -> None:
+        self._reader = PipeEnd(self._channel, False)
+        self._writer = PipeEnd(self._channel, True)
+        self._rlock = ReadLock(self._channel)
+
+
+class Queue(_Ends, Generic[T]):
     """A process-shared FIFO queue with the API of ``multiprocessing.Queue``.
 
     ``put()`` pickles in the calling thread and writes the whole message into
@@ -28,10 +116,13 @@ class Queue(Generic[T]):
 
     __class_getitem__ = classmethod(types.GenericAlias)
 
+    _joinable = False
+
     def __init__(self, maxsize: int = 0, *, ctx: BaseContext | None = None) -> None:
         self._maxsize = maxsize if maxsize > 0 else 0
-        self._channel = Channel(self._maxsize)
+        self._channel = Channel(self._maxsize, self._joinable)
         self._closed = False
+        self._make_ends()
 
     # -- pickling: only while a child process is being started, as in the
     # -- stdlib (the fds travel with the new process).
@@ -44,6 +135,7 @@ class Queue(Generic[T]):
     def __setstate__(self, state: tuple[int, Channel]) -> None:
         self._maxsize, self._channel = state
         self._closed = False
+        self._make_ends()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"maxsize={self._maxsize}"
@@ -132,3 +224,82 @@ class Queue(Generic[T]):
         """
         capacity: int = self._channel.capacity
         return capacity
+
+
+class JoinableQueue(Queue[T]):
+    """A :class:`Queue` with ``task_done()`` and ``join()``, as
+    ``multiprocessing.JoinableQueue``.
+
+    The count of unfinished tasks lives in the queue's shared page.  A message
+    that never arrives whole (its producer was killed or interrupted midway,
+    or the consumer reading it was killed) leaves the count, so ``join()``
+    does not wait for it forever.
+    """
+
+    _joinable = True
+
+    def task_done(self) -> None:
+        """Mark one item got from the queue as processed.
+
+        Raises ``ValueError`` if called more times than items were put.
+        """
+        self._check_closed()
+        self._channel.task_done()
+
+    def join(self) -> None:
+        """Block until every item put has been marked done with ``task_done()``."""
+        self._check_closed()
+        self._channel.join()
+
+
+class SimpleQueue(_Ends, Generic[T]):
+    """The API of ``multiprocessing.SimpleQueue``: ``get``, ``put``, ``empty``
+    and ``close``, unbounded, with blocking calls and no timeouts.
+
+    Like :class:`Queue`, ``put()`` writes the whole message before it
+    returns; it blocks only while the pipe is full.
+    """
+
+    __class_getitem__ = classmethod(types.GenericAlias)
+
+    def __init__(self, *, ctx: BaseContext | None = None) -> None:
+        self._channel = Channel(0)
+        self._make_ends()
+
+    def __getstate__(self) -> Channel:
+        assert_spawning(self)
+        return self._channel
+
+    def __setstate__(self, state: Channel) -> None:
+        self._channel = state
+        self._make_ends()
+
+    def __repr__(self) -> str:
+        state = " closed" if self._channel.closed else ""
+        return f"<{type(self).__module__}.{type(self).__qualname__}{state} at {id(self):#x}>"
+
+    def _check_closed(self) -> None:
+        # multiprocessing's SimpleQueue raises OSError from its closed pipe.
+        if self._channel.closed:
+            raise OSError(f"SimpleQueue {self!r} is closed")
+
+    def put(self, obj: T) -> None:
+        """Put obj into the queue; returns once the whole message is in the pipe."""
+        self._check_closed()
+        self._channel.put(obj, None)
+
+    def get(self) -> T:
+        """Remove and return an item, waiting as long as it takes."""
+        self._check_closed()
+        item: T = self._channel.get(None)
+        return item
+
+    def empty(self) -> bool:
+        """True if no message is waiting; ``OSError`` after ``close()``, as in
+        multiprocessing (where ``Queue.empty()`` still answers)."""
+        self._check_closed()
+        return bool(self._channel.empty())
+
+    def close(self) -> None:
+        """Close this process's ends of the queue."""
+        self._channel.close()
