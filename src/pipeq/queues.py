@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import select
-import types
 from multiprocessing.context import BaseContext, assert_spawning
 from queue import Empty, Full
 from typing import Generic, TypeVar
@@ -113,8 +112,6 @@ class Queue(_Ends, Generic[T]):
     ``ctx`` is accepted for compatibility and not needed: one queue works
     with children started by fork, spawn and forkserver alike.
     """
-
-    __class_getitem__ = classmethod(types.GenericAlias)
 
     _joinable = False
 
@@ -259,8 +256,6 @@ class SimpleQueue(_Ends, Generic[T]):
     Like :class:`Queue`, ``put()`` writes the whole message before it
     returns; it blocks only while the pipe is full.
     """
-
-    __class_getitem__ = classmethod(types.GenericAlias)
 
     def __init__(self, *, ctx: BaseContext | None = None) -> None:
         self._channel = Channel(0)
