@@ -8,12 +8,11 @@ import importlib.machinery
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from workers import TIMEOUT
+from workers import TIMEOUT, call_with_timeout
 
 import pipeq
 import pipeq._core
@@ -27,27 +26,6 @@ def q() -> Iterator[pipeq.Queue[Any]]:
     queue: pipeq.Queue[Any] = pipeq.Queue()
     yield queue
     queue.close()
-
-
-def call_with_timeout(fn: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """fn() in a daemon thread: its result or exception, or a failure if it hangs."""
-    outcome: list[Any] = []
-
-    def run() -> None:
-        try:
-            outcome.append(("ok", fn()))
-        except BaseException as e:  # re-raised in the caller
-            outcome.append(("err", e))
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        pytest.fail(f"call did not return within {timeout} s")
-    kind, value = outcome[0]
-    if kind == "err":
-        raise value
-    return value
 
 
 # -- which core

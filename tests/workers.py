@@ -8,6 +8,8 @@ import multiprocessing
 import os
 import random
 import sys
+import threading
+from collections.abc import Callable
 from typing import Any
 
 # Generous bounds for every blocking call, in the parent and inside a child.
@@ -26,6 +28,27 @@ class Point:
     x: int
     y: float
     label: str = ""
+
+
+def call_with_timeout(fn: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
+    """fn() in a daemon thread: its result or exception, or a failure if it hangs."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(("ok", fn()))
+        except BaseException as e:  # re-raised in the caller
+            outcome.append(("err", e))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise AssertionError(f"call did not return within {timeout} s")
+    kind, value = outcome[0]
+    if kind == "err":
+        raise value
+    return value
 
 
 # -- payloads: built the same way in parent and child, so either side can check
@@ -113,6 +136,13 @@ def report_fds(q: Any, results: Any) -> None:
     results.put([os.get_inheritable(fd) for fd in fds], timeout=CHILD_TIMEOUT)
 
 
+def simple_echo(q_in: Any, q_out: Any, n: int) -> None:
+    """Answer n ("ping", i) items from a SimpleQueue with ("pong", i)."""
+    for _ in range(n):
+        _, i = q_in.get()  # SimpleQueue.get has no timeout: the parent bounds the test
+        q_out.put(("pong", i))
+
+
 # -- producers and consumers
 
 
@@ -137,6 +167,15 @@ def consumer(q: Any, results: Any, consumer_id: int, timeout: float = CHILD_TIME
         pid, seq = item
         seen.setdefault(pid, []).append(seq)
     results.put((consumer_id, seen), timeout=CHILD_TIMEOUT)
+
+
+def get_and_task_done(q: Any) -> None:
+    """A JoinableQueue worker: get items until a None sentinel, task_done() each."""
+    while True:
+        item = q.get(timeout=CHILD_TIMEOUT)
+        q.task_done()
+        if item is None:
+            return
 
 
 # -- ProcessPoolExecutor
