@@ -2,9 +2,18 @@
 
 from queue import Empty, Full
 
-from pipeq._errors import StreamError
+from pipeq._errors import PipeFullWarning, StreamError
 from pipeq.queues import JoinableQueue, Queue, SimpleQueue
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["Empty", "Full", "JoinableQueue", "Queue", "SimpleQueue", "StreamError", "__version__"]
+__all__ = [
+    "Empty",
+    "Full",
+    "JoinableQueue",
+    "PipeFullWarning",
+    "Queue",
+    "SimpleQueue",
+    "StreamError",
+    "__version__",
+]

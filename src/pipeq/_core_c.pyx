@@ -20,7 +20,7 @@ from multiprocessing.reduction import DupFd, ForkingPickler
 from pickle import loads as _loads
 
 from pipeq import _shm
-from pipeq._errors import StreamError
+from pipeq._errors import STALL_WARNING_S, StreamError, raise_errno, stall_ns, warn_stalled
 
 cdef extern from *:
     """
@@ -302,7 +302,7 @@ cdef inline uint64_t _body_done(uint64_t pos, uint64_t length) noexcept nogil:
 
 
 cdef int _raise_errno(int err) except -1:
-    raise OSError(err, os.strerror(err))
+    raise_errno(err)
 
 
 cdef class _OOBCollector:
@@ -338,12 +338,14 @@ cdef class Channel:
     cdef readonly Py_ssize_t capacity
     cdef uint8_t *_shm
     cdef bint _closed
+    cdef int64_t _stall_ns  # a put waiting this long for pipe room warns; -1: never
 
     def __cinit__(self):
         self._rfd = self._wfd = self._shmfd = self._nrfd = self._nwfd = -1
         self._jrfd = self._jwfd = -1
         self._shm = NULL
         self._closed = True
+        self._stall_ns = stall_ns(STALL_WARNING_S)
 
     def __init__(self, Py_ssize_t maxsize=0, bint joinable=False):
         if maxsize < 0:
@@ -375,7 +377,7 @@ cdef class Channel:
         fds = [DupFd(fd) if fd >= 0 else None
                for fd in (self._rfd, self._wfd, self._shmfd, self._nrfd, self._nwfd,
                           self._jrfd, self._jwfd)]
-        return _rebuild, (*fds, self.maxsize)
+        return _rebuild, (*fds, self.maxsize, self._stall_ns)
 
     def __dealloc__(self):
         self._close_fds()
@@ -401,6 +403,16 @@ cdef class Channel:
     @property
     def closed(self):
         return self._closed
+
+    @property
+    def stall_warning(self):
+        """Seconds a put() waits for room in a full pipe before it warns
+        (PipeFullWarning), or None for never."""
+        return None if self._stall_ns < 0 else self._stall_ns / 1e9
+
+    @stall_warning.setter
+    def stall_warning(self, seconds):
+        self._stall_ns = stall_ns(seconds)
 
     @property
     def joinable(self):
@@ -478,6 +490,20 @@ cdef class Channel:
             if err != EINTR:
                 _raise_errno(err)
             PyErr_CheckSignals()
+
+    cdef int _wait_writable(self, int64_t deadline) except -1:
+        """A producer's wait for room in the pipe: 1 when there is some, 0
+        when the deadline passed first.  Past the stall time, warns once."""
+        cdef int64_t t0, warn_at
+        if self._stall_ns < 0:
+            return self._wait_fd(self._wfd, POLLOUT, deadline)
+        t0 = pq_now_ns()
+        warn_at = t0 + self._stall_ns
+        if deadline < 0 or deadline > warn_at:
+            if self._wait_fd(self._wfd, POLLOUT, warn_at):
+                return 1
+            warn_stalled(pq_now_ns() - t0, self.capacity)
+        return self._wait_fd(self._wfd, POLLOUT, deadline)
 
     cdef int _lock(self, size_t off, int64_t deadline) except -1:
         """0 or PQ_OWNERDEAD once locked (the latter: its last owner died
@@ -640,7 +666,7 @@ cdef class Channel:
                 if not self._nap(SETTLE_NAP_NS, deadline):
                     raise queue.Full
             elif r == PUT_PIPE_FULL:
-                if not self._wait_fd(self._wfd, POLLOUT, deadline):
+                if not self._wait_writable(deadline):
                     raise queue.Full
 
     cdef int _lock_writer(self, int64_t deadline, uint64_t room) except -1:
@@ -698,15 +724,25 @@ cdef class Channel:
         return used >= 0 and <uint64_t>(self.capacity - used) >= total
 
     cdef int _wait_space(self, uint64_t total, int64_t deadline) except -1:
-        """Wait until `total` bytes fit in the pipe.  0 on timeout."""
-        cdef int64_t nap = 50_000, left
+        """Wait until `total` bytes fit in the pipe.  0 on timeout.  Past
+        the stall time, warns once."""
+        cdef int64_t nap = 50_000, left, t0 = pq_now_ns()
+        cdef int64_t warn_at = -1 if self._stall_ns < 0 else t0 + self._stall_ns
         cdef timespec ts
         while not self._has_room(total):
-            # poll() says only that some space is free; sleep between checks.
-            if not self._wait_fd(self._wfd, POLLOUT, deadline):
+            if warn_at >= 0 and (deadline < 0 or deadline > warn_at):
+                if not self._wait_fd(self._wfd, POLLOUT, warn_at):
+                    warn_stalled(pq_now_ns() - t0, self.capacity)
+                    warn_at = -1
+                    continue
+            elif not self._wait_fd(self._wfd, POLLOUT, deadline):
                 return 0
             if self._has_room(total):
                 break
+            if warn_at >= 0 and pq_now_ns() >= warn_at:
+                warn_stalled(pq_now_ns() - t0, self.capacity)
+                warn_at = -1
+            # poll() says only that some space is free; sleep between checks.
             if deadline >= 0:
                 left = deadline - pq_now_ns()
                 if left <= 0:
@@ -760,7 +796,7 @@ cdef class Channel:
                 elif n < 0 and (err == EAGAIN or err == EWOULDBLOCK):
                     if frame and pq_load(shm + O_WR_POS) == 0:
                         return 2
-                    if not self._wait_fd(self._wfd, POLLOUT, deadline):
+                    if not self._wait_writable(deadline):
                         return 0
                 else:
                     _raise_errno(err)
@@ -1298,7 +1334,7 @@ cdef int _advance(iovec *iov, int niov, int i, ssize_t n) noexcept:
     return i
 
 
-def _rebuild(r, w, s, nr, nw, jr, jw, Py_ssize_t maxsize):
+def _rebuild(r, w, s, nr, nw, jr, jw, Py_ssize_t maxsize, stall=None):
     """Unpickle a Channel in a child process from the fds it was handed."""
     cdef Channel self = Channel.__new__(Channel)
     fds = tuple([d.detach() if d is not None else -1 for d in (r, w, s, nr, nw, jr, jw)])
@@ -1306,4 +1342,6 @@ def _rebuild(r, w, s, nr, nw, jr, jw, Py_ssize_t maxsize):
         if fd >= 0:
             os.set_inheritable(fd, False)
     self._attach(fds, maxsize, False)
+    if stall is not None:
+        self._stall_ns = stall
     return self

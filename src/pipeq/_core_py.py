@@ -22,7 +22,7 @@ from pickle import PickleBuffer, loads
 from typing import Any, Literal, NoReturn, Protocol
 
 from pipeq import _shm
-from pipeq._errors import StreamError
+from pipeq._errors import STALL_WARNING_S, StreamError, raise_errno, stall_ns, warn_stalled
 
 # The wire format and the shared page are _shm's; what follows is how this
 # process drives them, and mirrors _core_c.pyx name for name.
@@ -170,7 +170,7 @@ def _unlock(m: int) -> None:
 
 
 def _raise_errno(err: int) -> NoReturn:
-    raise OSError(err, os.strerror(err))
+    raise_errno(err)
 
 
 def _deadline(timeout: float | None) -> int:
@@ -313,7 +313,7 @@ class Channel:
         "_rfd", "_wfd", "_shmfd", "_nrfd", "_nwfd", "_jrfd", "_jwfd", "_maxsize",
         "_capacity", "_closed", "_mm", "_page", "_wlock", "_rlock", "_tlock", "_puts",
         "_gets", "_wr_pos", "_wr_end", "_wr_try", "_waiters", "_rd_pos", "_rd_hdr",
-        "_marker", "_lost", "_done", "_joiners",
+        "_marker", "_lost", "_done", "_joiners", "_stall_ns",
     )  # fmt: skip
 
     def __init__(self, maxsize: int = 0, joinable: bool = False) -> None:
@@ -326,6 +326,8 @@ class Channel:
         s = self._shmfd
         self._closed = False  # from here on the fds are ours to close
         self._maxsize = maxsize
+        # A put waiting this long for pipe room warns; -1: never.
+        self._stall_ns = stall_ns(STALL_WARNING_S)
         # The page stays mapped until the Channel is collected, so the
         # counters can be read after close(), as the stdlib's semaphore can.
         self._mm = mmap.mmap(s, _shm.SHM_SIZE)
@@ -360,7 +362,7 @@ class Channel:
         # each fd to the new process.  The queue wrapper enforces that.
         self._check()
         fds = [DupFd(fd) if fd >= 0 else None for fd in self._fds()]
-        return _rebuild, (*fds, self._maxsize)
+        return _rebuild, (*fds, self._maxsize, self._stall_ns)
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
@@ -390,6 +392,16 @@ class Channel:
     @property
     def joinable(self) -> bool:
         return self._jrfd >= 0
+
+    @property
+    def stall_warning(self) -> float | None:
+        """Seconds a put() waits for room in a full pipe before it warns
+        (PipeFullWarning), or None for never."""
+        return None if self._stall_ns < 0 else self._stall_ns / 1e9
+
+    @stall_warning.setter
+    def stall_warning(self, seconds: float | None) -> None:
+        self._stall_ns = stall_ns(seconds)
 
     @property
     def maxsize(self) -> int:
@@ -505,7 +517,7 @@ class Channel:
                 if not _nap(SETTLE_NAP_NS, deadline):
                     raise queue.Full
             elif r == PUT_PIPE_FULL:
-                if not _wait_fd(self._wfd, select.POLLOUT, deadline):
+                if not self._wait_writable(deadline):
                     raise queue.Full
 
     def _lock_writer(self, deadline: int, room: int) -> int:
@@ -560,15 +572,39 @@ class Channel:
         used = _fionread(self._rfd)
         return used >= 0 and self._capacity - used >= total
 
+    def _wait_writable(self, deadline: int) -> bool:
+        """A producer's wait for room in the pipe: True when there is some,
+        False when the deadline passed first.  Past the stall time, warns once."""
+        if self._stall_ns < 0:
+            return _wait_fd(self._wfd, select.POLLOUT, deadline)
+        t0 = time.monotonic_ns()
+        warn_at = t0 + self._stall_ns
+        if deadline < 0 or deadline > warn_at:
+            if _wait_fd(self._wfd, select.POLLOUT, warn_at):
+                return True
+            warn_stalled(time.monotonic_ns() - t0, self._capacity)
+        return _wait_fd(self._wfd, select.POLLOUT, deadline)
+
     def _wait_space(self, total: int, deadline: int) -> bool:
-        """Wait until `total` bytes fit in the pipe.  False on timeout."""
+        """Wait until `total` bytes fit in the pipe.  False on timeout.  Past
+        the stall time, warns once."""
         nap = 50_000
+        t0 = time.monotonic_ns()
+        warn_at = -1 if self._stall_ns < 0 else t0 + self._stall_ns
         while not self._has_room(total):
-            # poll() says only that some space is free; sleep between checks.
-            if not _wait_fd(self._wfd, select.POLLOUT, deadline):
+            if warn_at >= 0 and (deadline < 0 or deadline > warn_at):
+                if not _wait_fd(self._wfd, select.POLLOUT, warn_at):
+                    warn_stalled(time.monotonic_ns() - t0, self._capacity)
+                    warn_at = -1
+                    continue
+            elif not _wait_fd(self._wfd, select.POLLOUT, deadline):
                 return False
             if self._has_room(total):
                 break
+            if warn_at >= 0 and time.monotonic_ns() >= warn_at:
+                warn_stalled(time.monotonic_ns() - t0, self._capacity)
+                warn_at = -1
+            # poll() says only that some space is free; sleep between checks.
             if deadline >= 0:
                 left = deadline - time.monotonic_ns()
                 if left <= 0:
@@ -600,9 +636,12 @@ class Channel:
                     wr_try.value = wr_pos.value
                     if frame and wr_pos.value == 0:
                         return WRITE_RETRY
-                    if not _wait_fd(self._wfd, select.POLLOUT, deadline):
+                    if not self._wait_writable(deadline):
                         return WRITE_TIMEOUT
                     continue
+                except BrokenPipeError:
+                    wr_try.value = wr_pos.value
+                    _raise_errno(errno.EPIPE)
                 except BaseException:
                     wr_try.value = wr_pos.value
                     raise
@@ -1051,6 +1090,7 @@ def _rebuild(
     jr: _Detachable | None,
     jw: _Detachable | None,
     maxsize: int,
+    stall: int | None = None,
 ) -> Channel:
     """Unpickle a Channel in a child process from the fds it was handed.
 
@@ -1063,4 +1103,6 @@ def _rebuild(
         if fd >= 0:
             os.set_inheritable(fd, False)
     self._attach(fds, _ssize(maxsize), False)
+    if stall is not None:
+        self._stall_ns = int(stall)
     return self

@@ -1,4 +1,15 @@
-"""Exceptions that both cores raise."""
+"""Exceptions and warnings that both cores raise."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import warnings
+from typing import NoReturn
+
+# How long put() waits for room in a full pipe before it warns, by default.
+STALL_WARNING_S = 10.0
 
 
 class StreamError(ValueError):
@@ -7,3 +18,50 @@ class StreamError(ValueError):
     Raised by ``get()`` instead of unpickling noise or a huge allocation when
     something other than pipeq wrote into the pipe.
     """
+
+
+class PipeFullWarning(RuntimeWarning):
+    """``put()`` has waited a long time for room in the queue's full pipe.
+
+    Nobody is reading: typically a program that puts more than the pipe holds
+    before any consumer runs.  See ``Queue(stall_warning=...)``.
+    """
+
+
+def raise_errno(err: int) -> NoReturn:
+    """OSError for err (Python picks the subclass), worded for a queue."""
+    if err == errno.EPIPE:
+        raise BrokenPipeError(
+            err, "Broken pipe: no process has the queue's read end open any more"
+        )
+    raise OSError(err, os.strerror(err))
+
+
+def warn_stalled(waited_ns: int, capacity: int) -> None:
+    """Warn that a put() has waited waited_ns for room in a full pipe.
+
+    The warning points at the first caller outside pipeq: the user's put().
+    """
+    level, f = 2, sys._getframe(1)
+    while f is not None and f.f_globals.get("__name__", "").startswith("pipeq"):
+        level, f = level + 1, f.f_back
+    warnings.warn(
+        PipeFullWarning(
+            f"pipeq: put() has waited {waited_ns / 1e9:.1f} s for room in the "
+            f"queue's pipe, which is full ({capacity} bytes) and which nobody "
+            "is reading. Putting more than the pipe holds before any consumer "
+            "runs blocks here: start the consumers first, or bound the queue "
+            "with maxsize."
+        ),
+        stacklevel=level,
+    )
+
+
+def stall_ns(seconds: float | None) -> int:
+    """Queue(stall_warning=...) as nanoseconds; -1 for never."""
+    if seconds is None:
+        return -1
+    s = float(seconds)
+    if not s >= 0:  # NaN too
+        raise ValueError(f"stall_warning must be None or >= 0, not {seconds!r}")
+    return int(min(s, 1e9) * 1e9)

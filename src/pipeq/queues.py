@@ -8,6 +8,7 @@ from queue import Empty, Full
 from typing import Generic, TypeVar
 
 from pipeq._core import Channel
+from pipeq._errors import STALL_WARNING_S
 
 __all__ = ["Empty", "Full", "JoinableQueue", "Queue", "SimpleQueue"]
 
@@ -111,13 +112,25 @@ class Queue(_Ends, Generic[T]):
 
     ``ctx`` is accepted for compatibility and not needed: one queue works
     with children started by fork, spawn and forkserver alike.
+
+    ``stall_warning`` (not in multiprocessing): a ``put()`` that has waited
+    this many seconds for room in the full pipe emits one
+    :class:`pipeq.PipeFullWarning`, naming the pipe's capacity; ``None``
+    turns it off.  Children get the queue with the same setting.
     """
 
     _joinable = False
 
-    def __init__(self, maxsize: int = 0, *, ctx: BaseContext | None = None) -> None:
+    def __init__(
+        self,
+        maxsize: int = 0,
+        *,
+        ctx: BaseContext | None = None,
+        stall_warning: float | None = STALL_WARNING_S,
+    ) -> None:
         self._maxsize = maxsize if maxsize > 0 else 0
         self._channel = Channel(self._maxsize, self._joinable)
+        self._channel.stall_warning = stall_warning
         self._closed = False
         self._make_ends()
 
@@ -254,11 +267,15 @@ class SimpleQueue(_Ends, Generic[T]):
     and ``close``, unbounded, with blocking calls and no timeouts.
 
     Like :class:`Queue`, ``put()`` writes the whole message before it
-    returns; it blocks only while the pipe is full.
+    returns; it blocks only while the pipe is full (and warns, as
+    :class:`Queue` does, after ``stall_warning`` seconds).
     """
 
-    def __init__(self, *, ctx: BaseContext | None = None) -> None:
+    def __init__(
+        self, *, ctx: BaseContext | None = None, stall_warning: float | None = STALL_WARNING_S
+    ) -> None:
         self._channel = Channel(0)
+        self._channel.stall_warning = stall_warning
         self._make_ends()
 
     def __getstate__(self) -> Channel:
