@@ -9,6 +9,7 @@ import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from multiprocessing.context import BaseContext
 from typing import Any
 
 import pytest
@@ -50,6 +51,42 @@ class QueueFactory:
 @pytest.fixture(params=["pipeq", "stdlib"])
 def make_queue(request: pytest.FixtureRequest) -> Iterator[QueueFactory]:
     factory = QueueFactory(request.param)
+    yield factory
+    factory.teardown()
+
+
+class CtxQueues:
+    """queues' value: makes pipeq.Queue() or ctx.Queue() and closes them all after the test.
+
+    conftest's make_queue builds the stdlib queue in the default (fork)
+    context, whose locks cannot go to spawn or forkserver children; here the
+    stdlib queue comes from the test's own context, as a user would make it.
+    """
+
+    def __init__(self, kind: str, ctx: BaseContext) -> None:
+        self.kind = kind
+        self.ctx = ctx
+        self.created: list[Any] = []
+
+    def __call__(self, maxsize: int = 0) -> Any:
+        q: Any = pipeq.Queue(maxsize) if self.kind == "pipeq" else self.ctx.Queue(maxsize)
+        self.created.append(q)
+        return q
+
+    def teardown(self) -> None:
+        for q in self.created:
+            q.close()
+            feeder = getattr(q, "_thread", None)
+            if feeder is not None:  # stdlib: never hang on a feeder nobody reads
+                feeder.join(5)
+                if feeder.is_alive():
+                    q.cancel_join_thread()
+            q.join_thread()
+
+
+@pytest.fixture(params=["pipeq", "stdlib"])
+def queues(request: pytest.FixtureRequest, ctx: BaseContext) -> Iterator[CtxQueues]:
+    factory = CtxQueues(request.param, ctx)
     yield factory
     factory.teardown()
 

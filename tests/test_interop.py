@@ -22,7 +22,7 @@ from workers import TIMEOUT
 import pipeq
 
 if TYPE_CHECKING:
-    from conftest import Children
+    from conftest import Children, CtxQueues
 
 pytestmark = [
     # Python 3.12+ warns when a multi-threaded process forks (pytest's
@@ -35,42 +35,6 @@ pytestmark = [
 # How long a child waits before putting, so that the parent is (very likely)
 # already blocked in connection.wait() when the item lands.
 WAKE_DELAY = 0.05
-
-
-class CtxQueues:
-    """queues' value: makes pipeq.Queue() or ctx.Queue() and closes them all after the test.
-
-    conftest's make_queue builds the stdlib queue in the default (fork)
-    context, whose locks cannot go to spawn or forkserver children; here the
-    stdlib queue comes from the test's own context, as a user would make it.
-    """
-
-    def __init__(self, kind: str, ctx: BaseContext) -> None:
-        self.kind = kind
-        self.ctx = ctx
-        self.created: list[Any] = []
-
-    def __call__(self, maxsize: int = 0) -> Any:
-        q: Any = pipeq.Queue(maxsize) if self.kind == "pipeq" else self.ctx.Queue(maxsize)
-        self.created.append(q)
-        return q
-
-    def teardown(self) -> None:
-        for q in self.created:
-            q.close()
-            feeder = getattr(q, "_thread", None)
-            if feeder is not None:  # stdlib: never hang on a feeder nobody reads
-                feeder.join(5)
-                if feeder.is_alive():
-                    q.cancel_join_thread()
-            q.join_thread()
-
-
-@pytest.fixture(params=["pipeq", "stdlib"])
-def queues(request: pytest.FixtureRequest, ctx: BaseContext) -> Iterator[CtxQueues]:
-    factory = CtxQueues(request.param, ctx)
-    yield factory
-    factory.teardown()
 
 
 @pytest.fixture

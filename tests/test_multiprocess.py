@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import concurrent.futures
-import fcntl
 import multiprocessing
 import os
 import sys
-import termios
 import threading
-import time
 from multiprocessing.context import BaseContext
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import workers
-from workers import START_METHODS, TIMEOUT
+from workers import START_METHODS, TIMEOUT, pipe_bytes, process_state, wait_until
 
 import pipeq
 
@@ -35,26 +32,6 @@ def _close_all(*queues: Any) -> None:
     for q in queues:
         q.close()
         q.join_thread()
-
-
-def _pipe_bytes(q: pipeq.Queue[Any]) -> int:
-    """Bytes waiting in q's pipe."""
-    buf = fcntl.ioctl(q._channel.fileno(), termios.FIONREAD, b"\0\0\0\0")
-    return int.from_bytes(buf, sys.byteorder)
-
-
-def _process_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rpartition(")")[2].split()[0]
-
-
-def _wait_until(pred: Any, what: str, timeout: float = TIMEOUT) -> None:
-    """Poll pred (no event can tell these things) until true; fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting until {what}")
-        time.sleep(0.002)
 
 
 # -- 1. passing a queue to a child
@@ -413,7 +390,7 @@ def test_consumer_killed_while_waiting(ctx: BaseContext, children: Children, kin
         q.put("ping")
         assert acks.get(timeout=TIMEOUT) == "pong"
         # Right after "pong" the child calls get() again and sleeps in it.
-        _wait_until(lambda: _process_state(p.pid) == "S", "the child sleeps in get()")
+        wait_until(lambda: process_state(p.pid) == "S", "the child sleeps in get()")
         p.kill()
         p.join(TIMEOUT)
         assert p.exitcode == -9
@@ -435,8 +412,8 @@ def test_producer_killed_mid_frame(ctx: BaseContext, children: Children) -> None
         # The frame cannot be complete while nobody reads: once its first
         # bytes are in the pipe and the child sleeps, it waits mid-frame for
         # room, holding the write lock.
-        _wait_until(
-            lambda: _pipe_bytes(q) > 0 and _process_state(p.pid) == "S",
+        wait_until(
+            lambda: pipe_bytes(q) > 0 and process_state(p.pid) == "S",
             "the child waits in the middle of its frame",
         )
         p.kill()

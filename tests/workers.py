@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import multiprocessing
 import os
 import random
 import sys
+import termios
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +52,26 @@ def call_with_timeout(fn: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
     if kind == "err":
         raise value
     return value
+
+
+def pipe_bytes(q: Any) -> int:
+    """Bytes waiting in q's pipe."""
+    buf = fcntl.ioctl(q._channel.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int.from_bytes(buf, sys.byteorder)
+
+
+def process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0]
+
+
+def wait_until(pred: Any, what: str, timeout: float = TIMEOUT) -> None:
+    """Poll pred (no event can tell these things) until true; fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.002)
 
 
 # -- payloads: built the same way in parent and child, so either side can check
@@ -232,3 +255,102 @@ def put_oversized_killed_after_first_write(q: Any, size: int) -> None:
     threading.Thread(target=kill_when_written, daemon=True).start()
     q.put(b"\x01" * size, timeout=CHILD_TIMEOUT)
     sys.exit(3)  # only reached if the kill never came
+
+
+# -- signals, unpicklable objects, lost readers
+
+
+def get_until_interrupted(q: Any, results: Any) -> None:
+    """Block in get() until SIGINT; report how it ended, then use the queue again."""
+    results.put("waiting", timeout=CHILD_TIMEOUT)
+    try:
+        q.get(timeout=CHILD_TIMEOUT)
+        results.put("got an item", timeout=CHILD_TIMEOUT)
+        return
+    except KeyboardInterrupt:
+        results.put("interrupted", timeout=CHILD_TIMEOUT)
+    q.put("after", timeout=CHILD_TIMEOUT)
+    results.put(q.get(timeout=CHILD_TIMEOUT), timeout=CHILD_TIMEOUT)
+
+
+def big_item(size: int) -> bytes:
+    """A large bytes object whose every part differs, so a torn copy shows."""
+    return random.Random(size).randbytes(size)
+
+
+def put_big_until_interrupted(q: Any, results: Any, size: int) -> None:
+    """Put big_item(size) until SIGINT cuts it short, then put two small items."""
+    item = big_item(size)
+    results.put("putting", timeout=CHILD_TIMEOUT)
+    try:
+        q.put(item, timeout=CHILD_TIMEOUT)
+        results.put("completed", timeout=CHILD_TIMEOUT)
+    except KeyboardInterrupt:
+        results.put("interrupted", timeout=CHILD_TIMEOUT)
+    q.put("after-1", timeout=CHILD_TIMEOUT)
+    q.put("after-2", timeout=CHILD_TIMEOUT)
+
+
+def collect_until(q: Any, results: Any, last: Any) -> None:
+    """Get items until `last`; report each as a str item or ("bytes", len, sha256)."""
+    got: list[Any] = []
+    while True:
+        item = q.get(timeout=CHILD_TIMEOUT)
+        if isinstance(item, bytes):
+            got.append(("bytes", len(item), hashlib.sha256(item).hexdigest()))
+        else:
+            got.append(item)
+        if item == last:
+            break
+    results.put(got, timeout=CHILD_TIMEOUT)
+
+
+def raise_on_unpickle(message: str) -> Any:
+    raise ValueError(message)
+
+
+class FailsToUnpickle:
+    """Pickles fine; unpickling it raises ValueError(message)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return raise_on_unpickle, (self.message,)
+
+
+class FailsToPickle:
+    """Raises RuntimeError when pickled."""
+
+    def __reduce__(self) -> Any:
+        raise RuntimeError("this object refuses to be pickled")
+
+
+def put_one_that_fails_to_unpickle(q: Any) -> None:
+    for item in ("a", FailsToUnpickle("broken in transit"), b"b" * 100_000, "c"):
+        q.put(item, timeout=CHILD_TIMEOUT)
+
+
+def put_with_no_reader_left() -> None:
+    """Close every read end of a fresh queue behind its back, then put().
+
+    Exits 0 when put() raised BrokenPipeError that says so; 2 if it raised
+    something else; 3 if it returned.  Dying of SIGPIPE shows as -13.
+    """
+    import pipeq
+
+    q: Any = pipeq.Queue()
+    os.close(q._channel.fileno())  # no process can read this pipe any more
+    code = 3
+    try:
+        q.put("nobody will read this", timeout=CHILD_TIMEOUT)
+    except BrokenPipeError as e:
+        code = 0 if "read end" in str(e) else 2
+    except BaseException:  # reported through the exit code
+        code = 2
+    sys.stdout.flush()
+    os._exit(code)  # not q.close(): its read fd number is no longer ours
+
+
+def report_stall_warning(q: Any, results: Any) -> None:
+    results.put(q._channel.stall_warning, timeout=CHILD_TIMEOUT)
