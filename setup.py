@@ -5,8 +5,12 @@ import sys
 
 from setuptools import Extension, setup
 
-NO_EXTENSIONS = bool(os.environ.get("PIPEQ_NO_EXTENSIONS")) or (
-    sys.implementation.name != "cpython"
+# Windows has no POSIX pipes or process-shared pthread mutexes: build no
+# extension there, and let `import pipeq` say why it cannot work.
+NO_EXTENSIONS = (
+    bool(os.environ.get("PIPEQ_NO_EXTENSIONS"))
+    or sys.implementation.name != "cpython"
+    or sys.platform == "win32"
 )
 DEBUG_BUILD = bool(os.environ.get("PIPEQ_DEBUG_BUILD"))
 

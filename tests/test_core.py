@@ -226,3 +226,15 @@ def test_garbage_then_valid_frame(q: pipeq.Queue[Any]) -> None:
     with pytest.raises(pipeq.StreamError):
         call_with_timeout(lambda: q.get(timeout=TIMEOUT))
     assert call_with_timeout(lambda: q.get(timeout=TIMEOUT)) == "fine"
+
+
+def test_windows_refused_at_import_with_a_clear_message() -> None:
+    # What `import pipeq` does on Windows, where the package installs without
+    # its extension: refuse before anything imports fcntl or termios.
+    code = "import sys; sys.platform = 'win32'; import pipeq"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert out.returncode != 0
+    assert "ImportError: pipeq needs POSIX pipes" in out.stderr
+    assert "on Windows use multiprocessing.Queue" in out.stderr

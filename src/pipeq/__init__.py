@@ -1,9 +1,17 @@
 """pipeq: a drop-in multiprocessing.Queue with a synchronous, fork-safe put()."""
 
-from queue import Empty, Full
+import sys
 
-from pipeq._errors import PipeFullWarning, StreamError
-from pipeq.queues import JoinableQueue, Queue, SimpleQueue
+if sys.platform == "win32":  # before anything imports fcntl or termios
+    raise ImportError(
+        "pipeq needs POSIX pipes and process-shared mutexes, which Windows does not "
+        "have; on Windows use multiprocessing.Queue"
+    )
+
+from queue import Empty, Full  # noqa: E402
+
+from pipeq._errors import PipeFullWarning, StreamError  # noqa: E402
+from pipeq.queues import JoinableQueue, Queue, SimpleQueue  # noqa: E402
 
 __version__ = "0.1.0.dev0"
 

@@ -6,10 +6,6 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from pipeq._shm import check_platform
-
-check_platform()
-
 NO_EXTENSIONS = bool(os.environ.get("PIPEQ_NO_EXTENSIONS")) or (
     sys.implementation.name != "cpython"
 )

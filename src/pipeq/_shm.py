@@ -5,7 +5,6 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
-import sys
 import tempfile
 
 # A frame is a 16-byte header, then the body cut into chunks of at most
@@ -140,10 +139,3 @@ def create(maxsize: int, joinable: bool = False) -> tuple[int, ...]:
 
 def init_header(fd: int, maxsize: int) -> None:
     os.pwrite(fd, struct.pack("<IIq", SHM_MAGIC, VERSION, maxsize), O_MAGIC)
-
-
-def check_platform() -> None:
-    if sys.platform == "win32":
-        raise ImportError(
-            "pipeq needs POSIX pipes and fork(); on Windows use multiprocessing.Queue"
-        )
