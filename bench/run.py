@@ -356,9 +356,7 @@ def _make_mp_simple(ctx: BaseContext, cap: Capacity) -> Any:
 
 def _make_faster_fifo(ctx: BaseContext, cap: Capacity) -> Any:
     assert faster_fifo is not None
-    return faster_fifo.Queue(
-        max_size_bytes=cap.pipe + 8 + cap.pickled, maxsize=cap.items
-    )
+    return faster_fifo.Queue(max_size_bytes=cap.pipe + 8 + cap.pickled, maxsize=cap.items)
 
 
 def _make_pipeq(ctx: BaseContext, cap: Capacity) -> Any:
@@ -411,9 +409,7 @@ def _registry() -> tuple[dict[str, Impl], list[str]]:
             ),
         ]
     else:
-        notes.append(
-            "faster-fifo is not installed: its rows are skipped (pip install faster-fifo)"
-        )
+        notes.append("faster-fifo is not installed: its rows are skipped (pip install faster-fifo)")
     if pipeq is not None:
         impls.append(Impl("pipeq get", _make_pipeq))
         # pipeq's batch calls, once they exist; assumed to take faster-fifo's arguments.
@@ -459,9 +455,7 @@ class Reporter:
 def _item(impl: Impl, payload: str) -> object:
     obj = PAYLOADS[payload].make()
     if impl.floor:
-        return RawPipe.frame(
-            frame_body(len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)))
-        )
+        return RawPipe.frame(frame_body(len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))))
     return obj
 
 
@@ -499,9 +493,7 @@ def producer(
     return t0
 
 
-def consumer(
-    impl_name: str, q: Any, start: Any, timeout: float
-) -> tuple[float, float, int]:
+def consumer(impl_name: str, q: Any, start: Any, timeout: float) -> tuple[float, float, int]:
     impl = IMPLS[impl_name]
     start.wait(timeout)
     t0 = last = time.perf_counter()
@@ -575,9 +567,7 @@ class TrialError(Exception):
 Role = tuple[str, Callable[..., object], tuple[Any, ...]]
 
 
-def supervise(
-    ctx: BaseContext, roles: Sequence[Role], timeout: float
-) -> dict[str, Any]:
+def supervise(ctx: BaseContext, roles: Sequence[Role], timeout: float) -> dict[str, Any]:
     """Run each role in its own process; return their results or raise TrialError.
 
     Never hangs: reports are awaited until a deadline, a child that dies without
@@ -612,9 +602,7 @@ def supervise(
             if not reader.poll(min(left, 0.5)):
                 dead = [p for p in silent if p.exitcode is not None]
                 if dead and not reader.poll(0):  # its report is not in flight
-                    raise TrialError(
-                        f"{dead[0].name} exited with code {dead[0].exitcode}"
-                    )
+                    raise TrialError(f"{dead[0].name} exited with code {dead[0].exitcode}")
                 continue
             try:
                 role, fine, value = reader.recv()
@@ -692,9 +680,7 @@ def run_floor_exe(s: Settings, mode: str, body: int, count: int) -> str:
     except subprocess.TimeoutExpired:
         raise TrialError(f"floor timed out after {s.timeout:g} s") from None
     if done.returncode != 0:
-        raise TrialError(
-            done.stderr.strip() or f"floor exited with code {done.returncode}"
-        )
+        raise TrialError(done.stderr.strip() or f"floor exited with code {done.returncode}")
     return done.stdout
 
 
@@ -707,8 +693,7 @@ def throughput_trial(impl: Impl, wl: Workload, s: Settings) -> float:
     done = s.ctx.Barrier(wl.producers + 1)
     batch = max(1, min(BATCH, s.pipe // max(1, wl.pickled)))
     roles: list[Role] = [
-        (f"consumer {i}", consumer, (impl.name, q, start, s.timeout))
-        for i in range(wl.consumers)
+        (f"consumer {i}", consumer, (impl.name, q, start, s.timeout)) for i in range(wl.consumers)
     ]
     roles += [
         (
@@ -729,9 +714,7 @@ def throughput_trial(impl: Impl, wl: Workload, s: Settings) -> float:
     received = sum(count for _, _, count in got)
     if received != wl.items:
         raise TrialError(f"consumers received {received} of {wl.items} items")
-    starts = [v for r, v in results.items() if r.startswith("producer")] + [
-        t0 for t0, _, _ in got
-    ]
+    starts = [v for r, v in results.items() if r.startswith("producer")] + [t0 for t0, _, _ in got]
     return max(last for _, last, _ in got) - min(starts)
 
 
@@ -827,9 +810,7 @@ def plan_sweep(mode: Mode, scale: float, sizes: dict[str, int]) -> list[Workload
     for payload in mode.payloads:
         if payload not in sizes:
             continue
-        items = min(
-            mode.max_items, max(mode.min_items, mode.byte_budget // sizes[payload])
-        )
+        items = min(mode.max_items, max(mode.min_items, mode.byte_budget // sizes[payload]))
         items = max(step, round(items * scale) // step * step)
         for p, c in mode.shapes:
             out.append(Workload("sweep", payload, sizes[payload], p, c, items))
@@ -909,10 +890,7 @@ def run_throughput(
 ) -> list[ThroughputResult]:
     results: list[ThroughputResult] = []
     cases = [
-        (wl, impl)
-        for wl in workloads
-        for impl in impls
-        if not impl.floor or wl.shape == "1x1"
+        (wl, impl) for wl in workloads for impl in impls if not impl.floor or wl.shape == "1x1"
     ]
     for k, (wl, impl) in enumerate(cases, 1):
         res = ThroughputResult(wl, impl.name, s.capacity(wl.pickled).items)
@@ -958,15 +936,11 @@ def run_latency(
             p50s, p99s = [], []
             try:
                 for _ in range(repeat):
-                    samples = sorted(
-                        latency_trial(impl, payload, pickled, n, mode.warmup, s)
-                    )
+                    samples = sorted(latency_trial(impl, payload, pickled, n, mode.warmup, s))
                     p50s.append(percentile(samples, 50))
                     p99s.append(percentile(samples, 99))
                 res.p50_us, res.p99_us = Spread.of(p50s), Spread.of(p99s)
-                outcome = (
-                    f"p50 {res.p50_us.median:,.1f} us, p99 {res.p99_us.median:,.1f} us"
-                )
+                outcome = f"p50 {res.p50_us.median:,.1f} us, p99 {res.p99_us.median:,.1f} us"
             except TrialError as exc:
                 res.error = str(exc)
                 outcome = f"ERROR {res.error}"
@@ -1010,7 +984,9 @@ def machine_info(s: Settings, floor: str, start_method: str) -> dict[str, object
         "os": f"{platform.system()} {platform.release()}",
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "start method": start_method,
-        "pipe size": f"{s.pipe} bytes, pipeq's (pipe-max-size {_read_text('/proc/sys/fs/pipe-max-size')})",
+        "pipe size": (
+            f"{s.pipe} bytes, pipeq's (pipe-max-size {_read_text('/proc/sys/fs/pipe-max-size')})"
+        ),
         "capacity": "every pipe resized to the pipe size B; mp.Queue and faster-fifo"
         " maxsize = the items B holds (the bound column); faster-fifo ring = B + one message",
         "floor": floor,
@@ -1037,12 +1013,7 @@ def _read_text(path: str) -> str:
 
 def build_floor(where: str) -> tuple[str | None, str]:
     """Compile bench/floor.c; returns (executable or None, why not)."""
-    cc = (
-        os.environ.get("CC")
-        or shutil.which("cc")
-        or shutil.which("gcc")
-        or shutil.which("clang")
-    )
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         return None, "no C compiler found"
     exe = os.path.join(where, "floor")
@@ -1060,25 +1031,20 @@ def build_floor(where: str) -> tuple[str | None, str]:
 # -- output -------------------------------------------------------------------
 
 
-def table(
-    headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]
-) -> str:
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> str:
     """Aligned columns; cells past the headers (error messages) trail unaligned."""
     widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-        for i, h in enumerate(headers)
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
     ]
 
     def line(cells: Sequence[str]) -> str:
         aligned = (
             c.rjust(w) if i in right else c.ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths))
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )
         return "  ".join([*aligned, *cells[len(widths) :]]).rstrip()
 
-    return "\n".join(
-        [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
-    )
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
 def human_bytes(n: int) -> str:
@@ -1218,7 +1184,7 @@ def _plot_sweep(plt: Any, colours: dict[str, Any], rows: list[ThroughputResult])
     )
     for ax in axes.flat[len(shapes) :]:
         ax.set_visible(False)
-    for ax, shape in zip(axes.flat, shapes):
+    for ax, shape in zip(axes.flat, shapes, strict=False):
         for name, colour in colours.items():
             mine = sorted(
                 (
@@ -1229,11 +1195,7 @@ def _plot_sweep(plt: Any, colours: dict[str, Any], rows: list[ThroughputResult])
                 key=lambda pair: pair[0].pickled,
             )
             for is_numpy, style in ((False, "o-"), (True, "s:")):
-                pts = [
-                    (w.pickled, y)
-                    for w, y in mine
-                    if w.payload.startswith("numpy") == is_numpy
-                ]
+                pts = [(w.pickled, y) for w, y in mine if w.payload.startswith("numpy") == is_numpy]
                 ax.plot([x for x, _ in pts], [y for _, y in pts], style, color=colour)
         ax.set(xscale="log", yscale="log", title=shape)
         ax.grid(True, which="both", alpha=0.3)
@@ -1242,9 +1204,7 @@ def _plot_sweep(plt: Any, colours: dict[str, Any], rows: list[ThroughputResult])
     fig.supylabel("MB/s (of pickled bytes)")
     present = [n for n in colours if any(r.impl == n for r in rows)]
     handles = [Line2D([], [], color=colours[n], marker="o", label=n) for n in present]
-    handles.append(
-        Line2D([], [], color="grey", marker="s", ls=":", label="numpy arrays")
-    )
+    handles.append(Line2D([], [], color="grey", marker="s", ls=":", label="numpy arrays"))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)))
     fig.suptitle("Throughput against payload size (producers x consumers)")
     return fig
@@ -1267,9 +1227,7 @@ def _grouped_bars(
         here = [g for g in groups if g in values]
         xs = [groups.index(g) + j * width for g in here]
         if any(len(values[g]) > 1 for g in here):
-            ax.bar(
-                xs, [values[g][1] for g in here], width, color=colours[name], alpha=0.35
-            )
+            ax.bar(xs, [values[g][1] for g in here], width, color=colours[name], alpha=0.35)
         ax.bar(xs, [values[g][0] for g in here], width, color=colours[name], label=name)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], groups)
     ax.set_yscale("log")
@@ -1282,9 +1240,7 @@ def _plot_fifo(plt: Any, colours: dict[str, Any], rows: list[ThroughputResult]) 
     groups = list(dict.fromkeys(r.workload.shape for r in rows))
     bars = {
         name: {
-            r.workload.shape: (r.msg_per_s.median,)
-            for r in rows
-            if r.impl == name and r.msg_per_s
+            r.workload.shape: (r.msg_per_s.median,) for r in rows if r.impl == name and r.msg_per_s
         }
         for name in colours
         if any(r.impl == name for r in rows)
@@ -1338,12 +1294,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="where the PNGs go (default bench/out)",
     )
     ap.add_argument("--no-plot", action="store_true", help="skip the plots")
-    ap.add_argument(
-        "--start-method", choices=("fork", "spawn", "forkserver"), default="fork"
-    )
-    ap.add_argument(
-        "--repeat", type=int, default=3, help="repetitions per case (default 3)"
-    )
+    ap.add_argument("--start-method", choices=("fork", "spawn", "forkserver"), default="fork")
+    ap.add_argument("--repeat", type=int, default=3, help="repetitions per case (default 3)")
     ap.add_argument(
         "--scale",
         type=float,
@@ -1383,12 +1335,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         floor_exe, why = build_floor(tmp)
         if floor_exe is not None:
             floor_name = C_FLOOR
-            floor_desc = (
-                "C helper bench/floor.c (-O2): framed bytes, no pickling, no locks"
-            )
+            floor_desc = "C helper bench/floor.c (-O2): framed bytes, no pickling, no locks"
         else:
             floor_name = PY_FLOOR
-            floor_desc = f"pure Python os.write/os.readv: framed bytes, no pickling, no locks (no C floor: {why})"
+            floor_desc = (
+                "pure Python os.write/os.readv: framed bytes, no pickling, no locks "
+                f"(no C floor: {why})"
+            )
         impls = [i for i in IMPLS.values() if not i.floor or i.name == floor_name]
         if args.only:
             impls = [i for i in impls if any(o in i.name for o in args.only)]
@@ -1407,19 +1360,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not p.available
         ]
         if not args.no_plot and _optional("matplotlib") is None:
-            notes.append(
-                "matplotlib is not installed: no plots (pip install matplotlib)"
-            )
+            notes.append("matplotlib is not installed: no plots (pip install matplotlib)")
         sizes = {p.name: pickled_size(p.name) for p in PAYLOADS.values() if p.available}
         machine = machine_info(s, floor_desc, args.start_method)
         reps = f"{repeat}" + (
-            " (a single run: no spread)"
-            if repeat == 1
-            else "; median and range (max-min)/median"
+            " (a single run: no spread)" if repeat == 1 else "; median and range (max-min)/median"
         )
-        header = [f"{k:>14}: {v}" for k, v in machine.items()] + [
-            f"{'repetitions':>14}: {reps}"
-        ]
+        header = [f"{k:>14}: {v}" for k, v in machine.items()] + [f"{'repetitions':>14}: {reps}"]
         header += [f"{'note':>14}: {n}" for n in notes]
         print("\n".join(header), flush=True)
 
@@ -1440,9 +1387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         rows = [r for r in tput if r.workload.suite == suite]
         if rows:
-            print(
-                f"\nThroughput, {title} (MB/s from the pickled size; range = (max-min)/median)"
-            )
+            print(f"\nThroughput, {title} (MB/s from the pickled size; range = (max-min)/median)")
             print(throughput_table(rows))
     if lat:
         print("\nPing-pong latency (round trip, microseconds)")

@@ -29,7 +29,7 @@ def produce(q: Any, log_path: str, producer: int, sizes: list[int], timeouts: li
     given timeouts (None blocks; 0 is put_nowait).  Logs "try seq" before a
     put and "ok seq" or "full seq" after it."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    for seq, (size, timeout) in enumerate(zip(sizes, timeouts)):
+    for seq, (size, timeout) in enumerate(zip(sizes, timeouts, strict=True)):
         body = payload(producer, seq, size)
         item = (producer, seq, size, hashlib.sha256(body).digest(), body)
         _log(fd, f"try {seq}")

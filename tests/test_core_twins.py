@@ -1,4 +1,4 @@
-"""The compiled and the pure core: the same Channel each, and either one serving a queue the other created."""
+"""The compiled and the pure core: the same Channel, either one serving a queue the other made."""
 
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ def test_roundtrip_numpy_out_of_band(new: Callable[..., Any]) -> None:
         make_payload("many_bytearrays", 1100 * 16 * 1024),  # more buffers than one writev takes
     ]
     got = roundtrip(ch, ch, objs)
-    for g, o in zip(got, objs):
+    for g, o in zip(got, objs, strict=True):
         assert same(g, o)
     # Out-of-band buffers arrive in fresh, writable memory.
     assert got[1].flags.writeable and got[2].flags.f_contiguous
@@ -340,9 +340,9 @@ def test_roundtrip_across_cores(creator: str, user: str, opened: list[Any]) -> N
     other = twin(ch, user)
     opened += (ch, other)
     objs = payloads()
-    for got, want in zip(roundtrip(ch, other, objs), objs):
+    for got, want in zip(roundtrip(ch, other, objs), objs, strict=True):
         assert same(got, want)
-    for got, want in zip(roundtrip(other, ch, objs), objs):
+    for got, want in zip(roundtrip(other, ch, objs), objs, strict=True):
         assert same(got, want)
     assert ch.qsize() == other.qsize() == 0
 

@@ -97,8 +97,7 @@ def test_sigint_in_a_put_larger_than_the_pipe(
             os.kill(consumer.pid, signal.SIGSTOP)
         # Full, give or take the page a stopped reader was part-way through.
         wait_until(
-            lambda: pipe_bytes(q) >= q.pipe_capacity - 8192
-            and process_state(producer.pid) == "S",
+            lambda: pipe_bytes(q) >= q.pipe_capacity - 8192 and process_state(producer.pid) == "S",
             "the producer waits for room in the middle of its frame",
         )
         os.kill(producer.pid, signal.SIGINT)
@@ -186,7 +185,12 @@ def _late_failures(capacity: int) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     "case",
-    ["bytes-then-lambda", "bytearray-then-lock", "ndarray-then-refusal", "many-buffers-then-refusal"],
+    [
+        "bytes-then-lambda",
+        "bytearray-then-lock",
+        "ndarray-then-refusal",
+        "many-buffers-then-refusal",
+    ],
 )
 def test_pickling_failure_midway_writes_nothing(case: str) -> None:
     # deliberate difference: the stdlib's put() returns and its feeder thread
@@ -319,7 +323,6 @@ def test_corrupt_stream_error_is_clear_and_bounded() -> None:
         assert q.get(timeout=TIMEOUT) == {"still": "works"}
     finally:
         q.close()
-
 
 
 # -- fds and subprocess

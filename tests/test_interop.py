@@ -1,4 +1,4 @@
-"""pipeq.Queue with the stdlib that builds on multiprocessing.Queue: logging, pools, reducers, wait()."""
+"""pipeq.Queue with what builds on multiprocessing.Queue: logging, pools, reducers, wait()."""
 
 from __future__ import annotations
 

@@ -227,4 +227,3 @@ def test_generic_subscription() -> None:
     assert pipeq.JoinableQueue[int] is not None
     assert pipeq.SimpleQueue[str] is not None
     assert issubclass(pipeq.JoinableQueue, pipeq.Queue)
-

@@ -128,14 +128,14 @@ def _run_producers_consumers(
         _close_all(q, results)
 
     assert sorted(reports) == list(range(n_consumers))
-    counts = {pid: 0 for pid in range(n_producers)}
+    counts = dict.fromkeys(range(n_producers), 0)
     everything: set[tuple[int, int]] = set()
     for seen in reports.values():
         for pid, seqs in seen.items():
             assert seqs == sorted(seqs), f"producer {pid}'s items out of order"
             counts[pid] += len(seqs)
             everything.update((pid, s) for s in seqs)
-    assert counts == {pid: per_producer for pid in range(n_producers)}  # no duplicates
+    assert counts == dict.fromkeys(range(n_producers), per_producer)  # no duplicates
     assert everything == {(p, s) for p in range(n_producers) for s in range(per_producer)}
 
 

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from conftest import Children
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.filterwarnings(
         "ignore:.*use of fork\\(\\) may lead to deadlocks:DeprecationWarning"
     ),

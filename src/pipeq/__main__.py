@@ -29,9 +29,7 @@ def run_one(kind: str, script: int) -> Outcome:
     want = expected(script)
     cmd = [sys.executable, "-m", "pipeq._demo", kind, str(script)]
     try:
-        proc = subprocess.run(
-            cmd, check=False, capture_output=True, text=True, timeout=RUN_TIMEOUT
-        )
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=RUN_TIMEOUT)
         result = json.loads(proc.stdout.splitlines()[-1])
     except subprocess.TimeoutExpired:
         return Outcome([], want, False, f"FAILED: no result within {RUN_TIMEOUT:g} s")

@@ -432,7 +432,6 @@ cdef class Channel:
             raise ValueError("channel is closed")
         return 0
 
-
     # -- counters ---------------------------------------------------------
     # The shared page stays mapped until the Channel is collected, so the
     # counters can be read after close(), as the stdlib's semaphore can.
@@ -1309,9 +1308,9 @@ cdef class Channel:
                 pq_store(shm + O_WR_TRY, wpos)
             if pq_load(shm + O_WR_END) == 0 or wpos != rpos:
                 pq_store(shm + O_RD_POS, 0)
-                raise StreamError(
-                    f"pipeq: frame cut short at byte {rpos}; its writer "
-                    f"{'finished it' if pq_load(shm + O_WR_END) == 0 else f'stopped at byte {wpos}'}")
+                how = ("finished it" if pq_load(shm + O_WR_END) == 0
+                       else f"stopped at byte {wpos}")
+                raise StreamError(f"pipeq: frame cut short at byte {rpos}; its writer {how}")
             pq_store(shm + O_WR_END, 0)
             return 1
         finally:

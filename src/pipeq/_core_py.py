@@ -1,4 +1,4 @@
-"""Pure-Python core of pipeq: the compiled core's Channel, with the same frames, shared page and locks."""
+"""Pure-Python core of pipeq: the compiled core's Channel, same frames, shared page and locks."""
 
 from __future__ import annotations
 
@@ -740,9 +740,7 @@ class Channel:
             slice_end = time.monotonic_ns() + ROOM_SLICE_NS
             if 0 <= deadline < slice_end:
                 slice_end = deadline
-            if self._count() >= self._maxsize and _wait_fd(
-                self._nrfd, select.POLLIN, slice_end
-            ):
+            if self._count() >= self._maxsize and _wait_fd(self._nrfd, select.POLLIN, slice_end):
                 try:
                     os.read(self._nrfd, 1)
                 except BlockingIOError:

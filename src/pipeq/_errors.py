@@ -6,6 +6,7 @@ import errno
 import os
 import sys
 import warnings
+from types import FrameType
 from typing import NoReturn
 
 # How long put() waits for room in a full pipe before it warns, by default.
@@ -31,9 +32,7 @@ class PipeFullWarning(RuntimeWarning):
 def raise_errno(err: int) -> NoReturn:
     """OSError for err (Python picks the subclass), worded for a queue."""
     if err == errno.EPIPE:
-        raise BrokenPipeError(
-            err, "Broken pipe: no process has the queue's read end open any more"
-        )
+        raise BrokenPipeError(err, "Broken pipe: no process has the queue's read end open any more")
     raise OSError(err, os.strerror(err))
 
 
@@ -42,7 +41,8 @@ def warn_stalled(waited_ns: int, capacity: int) -> None:
 
     The warning points at the first caller outside pipeq: the user's put().
     """
-    level, f = 2, sys._getframe(1)
+    level = 2
+    f: FrameType | None = sys._getframe(1)
     while f is not None and f.f_globals.get("__name__", "").startswith("pipeq"):
         level, f = level + 1, f.f_back
     warnings.warn(
