@@ -126,7 +126,7 @@ def test_same_public_interface() -> None:
     assert public(_core_py.Channel) == public(_core_c.Channel) == {
         "acquire_read_lock", "capacity", "close", "closed", "empty", "fileno",
         "full", "get", "join", "joinable", "maxsize", "put", "qsize",
-        "release_read_lock", "task_done", "unfinished", "writer_fileno",
+        "release_read_lock", "stall_warning", "task_done", "unfinished", "writer_fileno",
     }  # fmt: skip
     assert callable(_core_py._rebuild) and callable(_core_c._rebuild)
 
