@@ -53,6 +53,16 @@ def _fill(q: pipeq.Queue[Any], item: Any = b"f" * 100) -> int:
         n += 1
 
 
+def _blocked_writing(q: pipeq.Queue[Any], pid: int) -> bool:
+    """Whether the pipe is full (give or take pages a stopped reader left
+    part-read) and process pid sleeps: nothing moves for 50 ms."""
+    before = pipe_bytes(q)
+    if before < q.pipe_capacity // 2 or process_state(pid) != "S":
+        return False
+    time.sleep(0.05)
+    return pipe_bytes(q) == before and process_state(pid) == "S"
+
+
 # -- SIGINT
 
 
@@ -81,10 +91,12 @@ def test_sigint_in_a_put_larger_than_the_pipe(
     # pipeq only: the stdlib's put() never blocks on the pipe (its feeder
     # thread does).  A frame larger than the pipe is streamed; SIGINT cuts
     # it short.  Readers must get none of it, and the next messages whole.
-    q: pipeq.Queue[Any] = pipeq.Queue()
+    q: pipeq.Queue[Any] = pipeq.Queue(stall_warning=None)
     results: pipeq.Queue[Any] = pipeq.Queue()
     out: pipeq.Queue[Any] = pipeq.Queue()
-    size = 16 * q.pipe_capacity
+    # Large enough that the transfer lasts long past the moment this process
+    # sees it begin and stops the reader (about 0.1 s for 128 MiB).
+    size = (128 if reader == "stopped-mid-transfer" else 4) * q.pipe_capacity
     try:
         consumer = None
         if reader == "stopped-mid-transfer":
@@ -95,11 +107,14 @@ def test_sigint_in_a_put_larger_than_the_pipe(
         if consumer is not None:
             # Stop the reader wherever it is in the frame, so the pipe fills.
             os.kill(consumer.pid, signal.SIGSTOP)
-        # Full, give or take the page a stopped reader was part-way through.
-        wait_until(
-            lambda: pipe_bytes(q) >= q.pipe_capacity - 8192 and process_state(producer.pid) == "S",
-            "the producer waits for room in the middle of its frame",
-        )
+        try:
+            wait_until(
+                lambda: _blocked_writing(q, producer.pid),
+                "the producer waits for room in the middle of its frame",
+            )
+        except AssertionError as e:
+            states = [process_state(p.pid) for p in (producer, consumer) if p is not None]
+            raise AssertionError(f"{e}: pipe holds {pipe_bytes(q)}; states {states}") from None
         os.kill(producer.pid, signal.SIGINT)
         assert results.get(timeout=TIMEOUT) == "interrupted"
         if consumer is not None:
