@@ -13,10 +13,12 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
+import copyreg
 import os
 import queue
 from io import BytesIO
 from multiprocessing.reduction import DupFd, ForkingPickler
+from pickle import Pickler
 from pickle import loads as _loads
 
 from pipeq import _shm
@@ -324,6 +326,67 @@ cdef class _OOBCollector:
         return False
 
 
+# A sink whose pickle grew past this is not kept for reuse: it would hold on
+# to that much memory.
+cdef Py_ssize_t KEEP_SINK_MAX = 1 << 20
+
+
+cdef class _Pickling:
+    """One pickler, its sink and its buffer collector, reused across put()s.
+
+    Building a ForkingPickler per message costs more than pickling a small
+    object.  This pickles the same way: protocol 5, and a dispatch table of
+    copyreg's reducers plus ForkingPickler's registered ones, rebuilt for
+    every dump so that a reducer registered at any time applies at once."""
+
+    cdef object sink, pickler
+    cdef _OOBCollector collector
+    cdef bint busy
+
+    def __cinit__(self):
+        self.sink = BytesIO()
+        self.collector = _OOBCollector()
+        self.pickler = Pickler(self.sink, 5, fix_imports=True, buffer_callback=self.collector)
+        self.busy = False
+
+    cdef object dump(self, obj):
+        """The pickle (a memoryview of the sink) and the out-of-band views.
+        The caller drops both, then calls done(), before the next dump."""
+        table = copyreg.dispatch_table.copy()
+        table.update(ForkingPickler._extra_reducers)
+        self.pickler.dispatch_table = table
+        self.pickler.clear_memo()
+        self.collector.views = []
+        self.sink.seek(0)
+        self.sink.truncate()
+        self.pickler.dump(obj)
+        return self.sink.getbuffer(), self.collector.views
+
+    cdef void done(self) noexcept:
+        if self.sink.tell() > KEEP_SINK_MAX:
+            self.sink = None  # this one goes; the next dump uses a fresh one
+            self.pickler = None
+        self.collector.views = []
+        self.busy = False
+
+
+# The process's reusable pickler.  The GIL makes take-and-mark atomic; a
+# thread that finds it busy (another thread is in a dump, perhaps inside a
+# __reduce__ of user code) pickles with one of its own.
+cdef _Pickling _pickling = _Pickling()
+
+
+cdef _Pickling _take_pickling():
+    global _pickling
+    if _pickling.busy or _pickling.pickler is None:
+        if not _pickling.busy:
+            _pickling = _Pickling()  # the last one let go of a large sink
+        else:
+            return _Pickling()
+    _pickling.busy = True
+    return _pickling
+
+
 cdef class Channel:
     """One pipe, two process-shared locks and a page of shared state.
 
@@ -550,18 +613,23 @@ cdef class Channel:
         cdef size_t left
 
         # Pickle before taking any lock: a failure leaves the queue untouched.
+        cdef _Pickling pickling = None
         if type(obj) is bytes:
             flags = FLAG_RAW
             parts = [obj]
         else:
-            sink = BytesIO()
-            collector = _OOBCollector()
-            ForkingPickler(sink, 5, True, collector).dump(obj)
-            parts = [sink.getbuffer()]
-            if collector.views:
+            pickling = _take_pickling()
+            try:
+                data, oob = pickling.dump(obj)
+            except BaseException:
+                pickling.done()
+                raise
+            parts = [data]
+            if oob:
                 flags = FLAG_OOB
-                nbuf = len(collector.views)
-                parts.extend(collector.views)
+                nbuf = len(oob)
+                parts.extend(oob)
+            data = oob = None
 
         try:
             # Body segments: [length table,] pickle or bytes, [buffers...]
@@ -633,6 +701,9 @@ cdef class Channel:
             PyMem_Free(segs)
             PyMem_Free(iov)
             PyMem_Free(table)
+            if pickling is not None:
+                parts = None  # the last view of the sink: it may be reused now
+                pickling.done()
 
     cdef int _put_frame(self, uint8_t *hdr, iovec *iov, int niov, uint64_t total,
                         int64_t deadline) except -1:
