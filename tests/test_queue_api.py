@@ -643,3 +643,71 @@ def test_ctx_accepted() -> None:
             assert q.get(timeout=TIMEOUT) == method
         finally:
             q.close()
+
+
+class _LateReduced:
+    """Pickled by default until a reducer is registered for it."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+        self.via = "default"
+
+
+def _rebuild_late(value: int) -> _LateReduced:
+    obj = _LateReduced(value)
+    obj.via = "registered"
+    return obj
+
+
+def _reduce_late(obj: _LateReduced) -> tuple[Any, tuple[int]]:
+    return _rebuild_late, (obj.value,)
+
+
+def test_reducer_registered_after_first_put_applies(make_queue: QueueFactory) -> None:
+    # Both queues pickle with ForkingPickler's registry as it is at put() time.
+    from multiprocessing.reduction import ForkingPickler
+
+    q = make_queue()
+    q.put(_LateReduced(1))
+    assert q.get(timeout=TIMEOUT).via == "default"
+    ForkingPickler.register(_LateReduced, _reduce_late)
+    try:
+        q.put(_LateReduced(2))
+        got = q.get(timeout=TIMEOUT)
+        assert (got.value, got.via) == (2, "registered")
+    finally:
+        del ForkingPickler._extra_reducers[_LateReduced]
+    q.put(_LateReduced(3))
+    assert q.get(timeout=TIMEOUT).via == "default"
+
+
+class _SlowToPickle:
+    """Waits in __reduce__ until told to go on (another thread pickles meanwhile)."""
+
+    def __init__(self, entered: threading.Event, go: threading.Event) -> None:
+        self.entered, self.go = entered, go
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        self.entered.set()
+        assert self.go.wait(TIMEOUT)
+        return str, ("slow",)
+
+
+def test_put_while_another_thread_is_inside_a_pickle() -> None:
+    # deliberate difference: the stdlib's one feeder thread pickles every
+    # item in turn, so an item put after a slow one waits behind it.  In
+    # pipeq each put() pickles in its own thread.
+    q: pipeq.Queue[Any] = pipeq.Queue()
+    entered, go = threading.Event(), threading.Event()
+    t = threading.Thread(target=q.put, args=(_SlowToPickle(entered, go),), daemon=True)
+    t.start()
+    try:
+        assert entered.wait(TIMEOUT)
+        q.put({"fast": [1, 2, 3]})  # pickled while the other thread is mid-pickle
+        assert q.get(timeout=TIMEOUT) == {"fast": [1, 2, 3]}
+    finally:
+        go.set()
+        t.join(TIMEOUT)
+    assert not t.is_alive()
+    assert q.get(timeout=TIMEOUT) == "slow"
+    q.close()
