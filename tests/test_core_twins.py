@@ -597,6 +597,68 @@ def test_frame_begun_by_killed_reader_is_skipped(
     assert reader.qsize() == 0 and pipe_bytes(ch) == 0
 
 
+# -- a reader SIGKILLed between a read and counting it
+
+
+def _read_until_killed(r: Any, kill_at: int, done: Any) -> None:
+    """In a forked child, through r (a pure-core Channel): get() until the
+    kill_at-th read from the pipe has returned, then SIGKILL this process
+    before the core counts what it read, as a SIGKILL that arrives during
+    the read does in either core.  done[0] counts the frames it got."""
+    real, reads = os.readv, [0]
+
+    def readv(fd: int, buffers: Any) -> int:
+        n = real(fd, buffers)
+        if fd == r.fileno():
+            reads[0] += 1
+            if reads[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return n
+
+    os.readv = readv  # in this child only
+    while True:
+        r.get(timeout=CHILD_TIMEOUT)
+        done[0] += 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs robust mutexes")
+@pytest.mark.parametrize("kill_at", [1, 2, 3, 4, 6, 9])
+@pytest.mark.parametrize("successor_core", list(CORES))
+def test_reader_killed_inside_a_read(
+    successor_core: str, kill_at: int, forked: Forked, opened: list[Any]
+) -> None:
+    """Where such a reader stopped is known only to lie in [RD_POS, RD_TRY].
+    The next reader settles it from the byte counts (every byte written and
+    not read is in the pipe), drops the rest of that frame and reads on: the
+    frame it was in is lost, nothing after it is, and nothing wedges."""
+    ch = _core_py.Channel()
+    successor = twin(ch, successor_core)
+    opened += (ch, successor)
+    cap = ch.capacity
+    sizes = [10, 300_000, 2 * cap + 17, 100, cap + 5, 7]
+    items = [bytes([i + 1]) * n for i, n in enumerate(sizes)]
+    done = multiprocessing.Array("q", 1, lock=False)  # shared with forked children
+
+    def put_all() -> None:
+        for item in items:
+            ch.put(item, timeout=CHILD_TIMEOUT)
+
+    writer = forked.fork(put_all)
+    victim = forked.fork(lambda: _read_until_killed(ch, kill_at, done))
+    _, status = os.waitpid(victim, 0)
+    forked.pids.discard(victim)
+    assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
+    got: list[Any] = []
+    while not got or got[-1] != items[-1]:
+        got.append(successor.get(timeout=TIMEOUT))
+    forked.wait_ok(writer)
+    assert got == items[len(items) - len(got) :]
+    assert len(got) >= len(items) - done[0] - 1
+    ch.put("after", timeout=TIMEOUT)
+    assert successor.get(timeout=TIMEOUT) == "after"
+    assert successor.qsize() == 0 and pipe_bytes(ch) == 0
+
+
 # -- a writer SIGKILLed between a write and recording how far it got
 
 
@@ -606,6 +668,8 @@ def _die_inside_write(w: Any, wire: bytes, n: int) -> None:
     its writev() put n bytes of `wire` in the pipe, before it stored its new
     WR_POS.  Exits holding the write lock, as such a writer does."""
     assert w._lock(w._wlock, -1) == 0
+    if _core_py._parity(w._wr_base.value, w._puts.value):  # the last frame is over
+        w._wr_base.value = _core_py._next_base(w._wr_base.value, w._wr_pos.value)
     w._page[_shm.O_WR_HDR : _shm.O_WR_HDR + _shm.HDR] = wire[: _shm.HDR]
     w._wr_pos.value = 0
     w._wr_end.value = len(wire)

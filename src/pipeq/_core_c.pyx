@@ -210,6 +210,10 @@ cdef size_t O_WAITERS = _shm.O_WAITERS
 cdef size_t O_GETS = _shm.O_GETS
 cdef size_t O_RD_POS = _shm.O_RD_POS
 cdef size_t O_RD_HDR = _shm.O_RD_HDR
+cdef size_t O_WR_BASE = _shm.O_WR_BASE
+cdef size_t O_RD_TRY = _shm.O_RD_TRY
+cdef size_t O_RD_BASE = _shm.O_RD_BASE
+cdef uint64_t BASE_PARITY = _shm.BASE_PARITY
 cdef size_t O_WLOCK = _shm.O_WLOCK
 cdef size_t O_RLOCK = _shm.O_RLOCK
 cdef size_t O_TLOCK = _shm.O_TLOCK
@@ -291,6 +295,16 @@ cdef inline uint64_t _next_mark(uint64_t pos, uint64_t length) noexcept nogil:
     if clen > CHUNK:
         clen = CHUNK
     return HDR + k * (CHUNK + 1) + clen
+
+
+cdef inline uint64_t _next_base(uint64_t base, uint64_t pos) noexcept nogil:
+    """WR_BASE or RD_BASE moved past a frame of pos wire bytes, its parity flipped."""
+    return ((base + pos) & (BASE_PARITY - 1)) | (~base & BASE_PARITY)
+
+
+cdef inline bint _parity(uint64_t base, uint64_t count) noexcept nogil:
+    """Whether a BASE belongs to the frame that PUTS or GETS (count) counts."""
+    return ((base & BASE_PARITY) != 0) == ((count & 1) != 0)
 
 
 cdef inline uint64_t _body_done(uint64_t pos, uint64_t length) noexcept nogil:
@@ -764,6 +778,10 @@ cdef class Channel:
         cdef uint8_t *shm = self._shm
         cdef int r
         if pq_load(shm + O_WR_END):
+            if not _parity(pq_load(shm + O_WR_BASE), pq_load(shm + O_PUTS)):
+                # Its writer was killed after recording the frame and before
+                # counting it: its header may be in the pipe, so it counts.
+                pq_store(shm + O_PUTS, pq_load(shm + O_PUTS) + 1)
             r = self._pay_debt(deadline)
             if r == 0:
                 raise queue.Full
@@ -773,6 +791,10 @@ cdef class Channel:
             return PUT_AGAIN  # another producer took the last slot
         if sized and not self._has_room(total):
             return PUT_AGAIN
+        # The last frame is over: its bytes join WR_BASE before WR_POS is
+        # reset (skipped if a writer killed here already moved it).
+        if _parity(pq_load(shm + O_WR_BASE), pq_load(shm + O_PUTS)):
+            pq_store(shm + O_WR_BASE, _next_base(pq_load(shm + O_WR_BASE), pq_load(shm + O_WR_POS)))
         # Record the frame before its first byte moves, so that whoever
         # takes the lock after us can end it if we stop midway.
         memcpy(shm + O_WR_HDR, hdr, HDR)
@@ -937,6 +959,9 @@ cdef class Channel:
             if pq_fionread(self._rfd) != 0:
                 return 0
             rpos = pq_load(shm + O_RD_POS)
+            if (pq_load(shm + O_RD_TRY) > rpos
+                    or not _parity(pq_load(shm + O_RD_BASE), pq_load(shm + O_GETS))):
+                return 0  # a reader was killed too: the next get() settles it first
             pending = pq_load(shm + O_PUTS) - pq_load(shm + O_GETS)
             if rpos:
                 pos = rpos  # a reader is inside this frame, and read all of it
@@ -1155,6 +1180,10 @@ cdef class Channel:
 
     cdef void _frame_done(self) noexcept:
         cdef uint8_t *shm = self._shm
+        # RD_BASE first: a reader killed before GETS counts the frame leaves
+        # the parity bit to say that the frame is over (see _read_frame).
+        pq_store(shm + O_RD_BASE, _next_base(pq_load(shm + O_RD_BASE), pq_load(shm + O_RD_POS)))
+        pq_store(shm + O_RD_TRY, 0)
         pq_store(shm + O_RD_POS, 0)
         pq_store(shm + O_GETS, pq_load(shm + O_GETS) + 1)
 
@@ -1164,6 +1193,13 @@ cdef class Channel:
         cdef uint8_t *shm = self._shm
         cdef ssize_t n
         cdef int err
+        if not _parity(pq_load(shm + O_RD_BASE), pq_load(shm + O_GETS)):
+            # A reader was killed in _frame_done: the frame is over, count it.
+            pq_store(shm + O_RD_TRY, 0)
+            pq_store(shm + O_RD_POS, 0)
+            pq_store(shm + O_GETS, pq_load(shm + O_GETS) + 1)
+        if pq_load(shm + O_RD_TRY) > pq_load(shm + O_RD_POS):
+            self._settle_read()
         # The rest of a frame that a reader before us began and never
         # finished (it was killed or interrupted): it is dropped.
         if pq_load(shm + O_RD_POS):
@@ -1171,10 +1207,12 @@ cdef class Channel:
         # The header goes straight into shared memory, so that a successor
         # can finish this frame if we stop partway through it.
         with nogil:
+            pq_store(shm + O_RD_TRY, HDR)  # see _read_iov
             n = read(self._rfd, shm + O_RD_HDR, HDR)
             err = errno
             if n > 0:
                 pq_store(shm + O_RD_POS, <uint64_t>n)
+            pq_store(shm + O_RD_TRY, <uint64_t>n if n > 0 else 0)
         if n < 0:
             if err == EAGAIN or err == EWOULDBLOCK:
                 return None
@@ -1211,6 +1249,7 @@ cdef class Channel:
                 or (nbuf != 0) != ((h[3] & FLAG_OOB) != 0)
                 or (<uint64_t>nbuf) * 8 > length):
             pq_store(self._shm + O_RD_POS, 0)
+            pq_store(self._shm + O_RD_TRY, 0)
             raise StreamError(
                 f"pipeq: not a pipeq frame header: {bytes(h[:HDR])!r}; "
                 "something other than pipeq wrote into the queue's pipe")
@@ -1266,6 +1305,7 @@ cdef class Channel:
             self._frame_done()
             return False
         pq_store(self._shm + O_RD_POS, 0)
+        pq_store(self._shm + O_RD_TRY, 0)
         raise StreamError("pipeq: frame ended before its declared length")
 
     cdef int _read_span(self, char *dst, uint64_t n, uint64_t length) except -1:
@@ -1320,11 +1360,14 @@ cdef class Channel:
             self._frame_done()
             return 0
         length = self._header_length()
-        left = length - _body_done(pq_load(self._shm + O_RD_POS), length)
-        while r == SPAN_MORE:
-            n = left if left < SCRATCH else SCRATCH
-            r = self._read_span(<char *>_scratch, n, length)
-            left -= n
+        # A reader that died after the COMMIT marker but before counting the
+        # frame (a kill during that last read, settled) left RD_POS at its end.
+        if pq_load(self._shm + O_RD_POS) < HDR + length + _nchunks(length):
+            left = length - _body_done(pq_load(self._shm + O_RD_POS), length)
+            while r == SPAN_MORE:
+                n = left if left < SCRATCH else SCRATCH
+                r = self._read_span(<char *>_scratch, n, length)
+                left -= n
         self._frame_done()
         return 0
 
@@ -1333,16 +1376,25 @@ cdef class Channel:
         RD_POS.  1 when done; 0 when the frame's writer abandoned it."""
         cdef uint8_t *shm = self._shm
         cdef ssize_t n
-        cdef int err, i = 0, cnt
+        cdef int err, i = 0, cnt, k
+        cdef uint64_t want
         while i < niov:
             cnt = niov - i
             if cnt > IOV_CAP:
                 cnt = IOV_CAP
+            want = 0
+            for k in range(i, i + cnt):
+                want += iov[k].iov_len
             with nogil:
+                # A SIGKILL that arrives during the read ends the process as
+                # the read returns, the bytes taken and not counted: the true
+                # position is then in [RD_POS, RD_TRY], for _settle_read.
+                pq_store(shm + O_RD_TRY, pq_load(shm + O_RD_POS) + want)
                 n = readv(self._rfd, iov + i, cnt)
                 err = errno
                 if n > 0:  # counted at once: see _write_iov
                     pq_store(shm + O_RD_POS, pq_load(shm + O_RD_POS) + <uint64_t>n)
+                pq_store(shm + O_RD_TRY, pq_load(shm + O_RD_POS))
             if n > 0:
                 i = _advance(iov, niov, i, n)
             elif n == 0:
@@ -1356,6 +1408,63 @@ cdef class Channel:
             else:
                 _raise_errno(err)
         return 1
+
+    cdef int _settle_read(self) except -1:
+        """Holding the read lock, with RD_TRY > RD_POS: a reader was killed
+        between a read and storing how far it got, so the true position is
+        somewhere in [RD_POS, RD_TRY].  The pipe holds every byte written and
+        not yet read, so it is WR_BASE + WR_POS - FIONREAD - RD_BASE, with
+        FIONREAD taken while no write is in the kernel: a writer's counts
+        that read the same, and exact (WR_TRY == WR_POS), on both sides of it."""
+        cdef uint8_t *shm = self._shm
+        cdef uint64_t b0, p0, w0, t0, base = 0, puts = 0, wpos = 0, wtry = 0, pos, lo, hi
+        cdef uint64_t mask = BASE_PARITY - 1
+        cdef int used = -1, st
+        cdef bint held, same
+        while True:
+            st = pq_mutex_trylock(shm + O_WLOCK)
+            held = st == 0 or st == PQ_OWNERDEAD
+            if not held and st != EBUSY:
+                _raise_errno(st)
+            try:
+                b0 = pq_load(shm + O_WR_BASE)
+                p0 = pq_load(shm + O_PUTS)
+                w0 = pq_load(shm + O_WR_POS)
+                t0 = pq_load(shm + O_WR_TRY)
+                pq_fence()
+                used = pq_fionread(self._rfd)
+                pq_fence()
+                base = pq_load(shm + O_WR_BASE)
+                puts = pq_load(shm + O_PUTS)
+                wpos = pq_load(shm + O_WR_POS)
+                wtry = pq_load(shm + O_WR_TRY)
+                same = b0 == base and p0 == puts and w0 == wpos and t0 == wtry
+                if not _parity(base, puts):
+                    wpos = wtry = 0  # WR_BASE is already past the last frame
+                if same and used >= 0 and wtry == wpos:
+                    break
+                if held and wtry > wpos:
+                    # Its writer was killed inside a write too, and only we
+                    # could settle where it stopped.
+                    pq_store(shm + O_RD_POS, 0)
+                    pq_store(shm + O_RD_TRY, 0)
+                    raise StreamError(
+                        "pipeq: a reader and a writer were both killed inside a "
+                        "read and a write; where the stream stands is lost")
+            finally:
+                if held:
+                    self._unlock(O_WLOCK)
+            self._nap(SETTLE_NAP_NS, -1)  # a live writer is inside a write
+        pos = ((base & mask) + wpos - <uint64_t>used - (pq_load(shm + O_RD_BASE) & mask)) & mask
+        lo = pq_load(shm + O_RD_POS)
+        hi = pq_load(shm + O_RD_TRY)
+        if pos < lo or pos > hi:
+            pq_store(shm + O_RD_POS, 0)
+            pq_store(shm + O_RD_TRY, 0)
+            raise StreamError(f"pipeq: lost count of the stream: at {pos}, not in [{lo}, {hi}]")
+        pq_store(shm + O_RD_POS, pos)
+        pq_store(shm + O_RD_TRY, pos)
+        return 0
 
     cdef int _writer_gone(self) except -1:
         """Mid-frame with an empty pipe: 1 if the frame's writer abandoned it
@@ -1379,6 +1488,7 @@ cdef class Channel:
                 pq_store(shm + O_WR_TRY, wpos)
             if pq_load(shm + O_WR_END) == 0 or wpos != rpos:
                 pq_store(shm + O_RD_POS, 0)
+                pq_store(shm + O_RD_TRY, 0)
                 how = ("finished it" if pq_load(shm + O_WR_END) == 0
                        else f"stopped at byte {wpos}")
                 raise StreamError(f"pipeq: frame cut short at byte {rpos}; its writer {how}")

@@ -205,6 +205,16 @@ def _body_done(pos: int) -> int:
     return (pos - HDR) - (pos - HDR) // (CHUNK + 1)
 
 
+def _next_base(base: int, pos: int) -> int:
+    """WR_BASE or RD_BASE moved past a frame of pos wire bytes, its parity flipped."""
+    return ((base + pos) & (_shm.BASE_PARITY - 1)) | (~base & _shm.BASE_PARITY)
+
+
+def _parity(base: int, count: int) -> bool:
+    """Whether a BASE belongs to the frame that PUTS or GETS (count) counts."""
+    return bool(base & _shm.BASE_PARITY) == bool(count & 1)
+
+
 def _advance(iov: list[memoryview], i: int, n: int) -> int:
     """Consume n bytes from iov[i:], return the index of the first entry
     with bytes left."""
@@ -313,7 +323,7 @@ class Channel:
         "_rfd", "_wfd", "_shmfd", "_nrfd", "_nwfd", "_jrfd", "_jwfd", "_maxsize",
         "_capacity", "_closed", "_mm", "_page", "_wlock", "_rlock", "_tlock", "_puts",
         "_gets", "_wr_pos", "_wr_end", "_wr_try", "_waiters", "_rd_pos", "_rd_hdr",
-        "_marker", "_lost", "_done", "_joiners", "_stall_ns",
+        "_marker", "_lost", "_done", "_joiners", "_stall_ns", "_wr_base", "_rd_try", "_rd_base",
     )  # fmt: skip
 
     def __init__(self, maxsize: int = 0, joinable: bool = False) -> None:
@@ -344,6 +354,9 @@ class Channel:
         self._wr_try = ctypes.c_uint64.from_buffer(self._mm, _shm.O_WR_TRY)
         self._waiters = ctypes.c_uint64.from_buffer(self._mm, _shm.O_WAITERS)
         self._rd_pos = ctypes.c_uint64.from_buffer(self._mm, _shm.O_RD_POS)
+        self._wr_base = ctypes.c_uint64.from_buffer(self._mm, _shm.O_WR_BASE)
+        self._rd_try = ctypes.c_uint64.from_buffer(self._mm, _shm.O_RD_TRY)
+        self._rd_base = ctypes.c_uint64.from_buffer(self._mm, _shm.O_RD_BASE)
         self._lost = ctypes.c_uint64.from_buffer(self._mm, _shm.O_LOST)
         self._done = ctypes.c_uint64.from_buffer(self._mm, _shm.O_DONE)
         self._joiners = ctypes.c_uint64.from_buffer(self._mm, _shm.O_JOINERS)
@@ -542,6 +555,10 @@ class Channel:
         """Holding the write lock: write the frame.  PUT_DONE, or what to
         wait for (not holding the lock) before trying again."""
         if self._wr_end.value:
+            if not _parity(self._wr_base.value, self._puts.value):
+                # Its writer was killed after recording the frame and before
+                # counting it: its header may be in the pipe, so it counts.
+                self._puts.value += 1
             r = self._pay_debt(deadline)
             if r == DEBT_TIMEOUT:
                 raise queue.Full
@@ -551,6 +568,10 @@ class Channel:
             return PUT_AGAIN  # another producer took the last slot
         if sized and not self._has_room(total):
             return PUT_AGAIN
+        # The last frame is over: its bytes join WR_BASE before WR_POS is
+        # reset (skipped if a writer killed here already moved it).
+        if _parity(self._wr_base.value, self._puts.value):
+            self._wr_base.value = _next_base(self._wr_base.value, self._wr_pos.value)
         # Record the frame before its first byte moves, so that whoever
         # takes the lock after us can end it if we stop midway.
         self._page[_shm.O_WR_HDR : _shm.O_WR_HDR + HDR] = hdr
@@ -698,6 +719,8 @@ class Channel:
             if _fionread(self._rfd) != 0:
                 return False
             rpos = self._rd_pos.value
+            if self._rd_try.value > rpos or not _parity(self._rd_base.value, self._gets.value):
+                return False  # a reader was killed too: the next get() settles it first
             pending = self._puts.value - self._gets.value
             if rpos:
                 pos = rpos  # a reader is inside this frame, and read all of it
@@ -881,25 +904,43 @@ class Channel:
         self._lost.value += 1
 
     def _frame_done(self) -> None:
+        # RD_BASE first: a reader killed before GETS counts the frame leaves
+        # the parity bit to say that the frame is over (see _read_frame).
+        self._rd_base.value = _next_base(self._rd_base.value, self._rd_pos.value)
+        self._rd_try.value = 0
         self._rd_pos.value = 0
         self._gets.value += 1
 
     def _read_frame(self) -> _Frame | Literal[False] | None:
         """Holding the read lock: None if the pipe is empty, False for a torn
         frame, else (data, buffers or None)."""
+        if not _parity(self._rd_base.value, self._gets.value):
+            # A reader was killed in _frame_done: the frame is over, count it.
+            self._rd_try.value = 0
+            self._rd_pos.value = 0
+            self._gets.value += 1
+        if self._rd_try.value > self._rd_pos.value:
+            self._settle_read()
         # The rest of a frame that a reader before us began and never
         # finished (it was killed or interrupted): it is dropped.
         if self._rd_pos.value:
             self._skip_frame()
         # The header goes straight into shared memory, so that a successor
         # can finish this frame if we stop partway through it.
+        self._rd_try.value = HDR
         try:
             n = os.readv(self._rfd, [self._rd_hdr])
         except BlockingIOError:
+            self._rd_try.value = 0
             return None
+        except BaseException:
+            self._rd_try.value = 0
+            raise
         if n == 0:
+            self._rd_try.value = 0
             raise EOFError("pipeq: every write end of the pipe is closed")
         self._rd_pos.value = n
+        self._rd_try.value = n
         if n < HDR and not self._finish_header():
             self._frame_done()
             return False
@@ -924,7 +965,7 @@ class Channel:
             or (nbuf != 0) != bool(flags & _shm.FLAG_OOB)
             or nbuf * 8 > length
         ):
-            self._rd_pos.value = 0
+            self._rd_pos.value = self._rd_try.value = 0
             raise StreamError(
                 f"pipeq: not a pipeq frame header: {bytes(self._rd_hdr)!r}; "
                 "something other than pipeq wrote into the queue's pipe"
@@ -970,7 +1011,7 @@ class Channel:
         if r == SPAN_TORN:
             self._frame_done()
             return False
-        self._rd_pos.value = 0
+        self._rd_pos.value = self._rd_try.value = 0
         raise StreamError("pipeq: frame ended before its declared length")
 
     def _read_span(self, dst: memoryview, length: int) -> int:
@@ -1026,21 +1067,75 @@ class Channel:
     def _read_iov(self, iov: list[memoryview]) -> bool:
         """Read all of iov holding the read lock, counting progress in
         RD_POS.  False when the frame's writer abandoned it."""
-        rd_pos = self._rd_pos
+        rd_pos, rd_try = self._rd_pos, self._rd_try
         i = 0
         while i < len(iov):
+            part = iov[i : i + IOV_CAP]
+            # A kill between the read and the store below leaves the true
+            # position in [RD_POS, RD_TRY], for _settle_read to resolve.
+            rd_try.value = rd_pos.value + sum(v.nbytes for v in part)
             try:
-                n = os.readv(self._rfd, iov[i : i + IOV_CAP])
+                n = os.readv(self._rfd, part)
             except BlockingIOError:
+                rd_try.value = rd_pos.value
                 if self._writer_gone():
                     return False
                 _wait_fd(self._rfd, select.POLLIN, time.monotonic_ns() + MIDFRAME_SLICE_NS)
                 continue
+            except BaseException:
+                rd_try.value = rd_pos.value
+                raise
+            rd_pos.value += n
+            rd_try.value = rd_pos.value
             if n == 0:
                 raise EOFError("pipeq: every write end of the pipe is closed")
-            rd_pos.value += n
             i = _advance(iov, i, n)
         return True
+
+    def _writer_snapshot(self) -> tuple[int, int, int, int]:
+        """(WR_BASE, PUTS, WR_POS, WR_TRY), WR_POS loaded before WR_TRY."""
+        return (self._wr_base.value, self._puts.value, self._wr_pos.value, self._wr_try.value)
+
+    def _settle_read(self) -> None:
+        """Holding the read lock, with RD_TRY > RD_POS: a reader was killed
+        between a read and storing how far it got, so the true position is
+        somewhere in [RD_POS, RD_TRY].  The pipe holds every byte written and
+        not yet read, so it is WR_BASE + WR_POS - FIONREAD - RD_BASE, with
+        FIONREAD taken while no write is in the kernel: a writer's counts
+        that read the same, and exact (WR_TRY == WR_POS), on both sides of it."""
+        while True:
+            st = _trylock(self._wlock)
+            held = st == 0 or st == OWNER_DIED
+            if not held and st != errno.EBUSY:
+                _raise_errno(st)
+            try:
+                before = self._writer_snapshot()
+                used = _fionread(self._rfd)
+                after = self._writer_snapshot()
+                base, puts, wpos, wtry = after
+                if not _parity(base, puts):
+                    wpos = wtry = 0  # WR_BASE is already past the last frame
+                if before == after and used >= 0 and wtry == wpos:
+                    break
+                if held and wtry > wpos:
+                    # Its writer was killed inside a write too, and only we
+                    # could settle where it stopped.
+                    self._rd_pos.value = self._rd_try.value = 0
+                    raise StreamError(
+                        "pipeq: a reader and a writer were both killed inside a "
+                        "read and a write; where the stream stands is lost"
+                    )
+            finally:
+                if held:
+                    _unlock(self._wlock)
+            time.sleep(SETTLE_NAP_NS / 1e9)  # a live writer is inside a write
+        mask = _shm.BASE_PARITY - 1
+        pos = ((base & mask) + wpos - used - (self._rd_base.value & mask)) & mask
+        if not self._rd_pos.value <= pos <= self._rd_try.value:
+            lo, hi = self._rd_pos.value, self._rd_try.value
+            self._rd_pos.value = self._rd_try.value = 0
+            raise StreamError(f"pipeq: lost count of the stream: at {pos}, not in [{lo}, {hi}]")
+        self._rd_pos.value = self._rd_try.value = pos
 
     def _writer_gone(self) -> bool:
         """Mid-frame with an empty pipe: True if the frame's writer abandoned
@@ -1058,7 +1153,7 @@ class Channel:
                 # it got: every byte it wrote is read, so rpos is that far.
                 wpos = self._wr_pos.value = self._wr_try.value = rpos
             if self._wr_end.value == 0 or wpos != rpos:
-                self._rd_pos.value = 0
+                self._rd_pos.value = self._rd_try.value = 0
                 writer = "finished it" if self._wr_end.value == 0 else f"stopped at byte {wpos}"
                 raise StreamError(f"pipeq: frame cut short at byte {rpos}; its writer {writer}")
             self._wr_end.value = 0

@@ -52,10 +52,24 @@ O_WAITERS = 104  # u64, producers waiting for room (maxsize); under the write lo
 # between writes; a writer killed between a write and storing its new WR_POS
 # leaves it larger, and the true position somewhere in [WR_POS, WR_TRY].
 O_WR_TRY = 112
+# u64: the stream offset (wire bytes ever written, mod 2**63) at which the
+# frame in WR_* begins, so that WR_BASE + WR_POS counts every byte written.
+# Its top bit is the parity of the PUTS value it belongs to: a writer moves
+# it past the last frame (flipping the bit) before PUTS counts the next one,
+# so a writer killed in between leaves a bit that says so.  RD_BASE is the
+# readers' twin, with GETS.
+O_WR_BASE = 120
 O_GETS = 128  # u64, frames consumed; written under the read lock
 O_RD_POS = 136  # u64, wire bytes of the current frame already read
 O_LOST = 144  # u64, frames begun but never delivered (torn, or skipped); read lock
 O_RD_HDR = 152  # 16 bytes, the header being read
+# u64: where the read now in the kernel may take RD_POS, as WR_TRY is for
+# writes.  A reader killed between a read and storing its new RD_POS (the
+# kernel took the bytes; a SIGKILL during the read lands just there) leaves
+# it larger; the next reader finds the true position from the byte counts.
+O_RD_TRY = 168
+O_RD_BASE = 176  # u64: the stream offset of the frame being read; see WR_BASE
+BASE_PARITY = 1 << 63
 # JoinableQueue: unfinished tasks = PUTS - LOST - DONE.
 O_DONE = 192  # u64, task_done() calls; under the task lock
 O_JOINERS = 200  # u64, processes waiting in join(); under the task lock
