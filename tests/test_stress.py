@@ -70,10 +70,14 @@ class Round:
         self.killed_producers: set[int] = set()
 
     def describe(self) -> str:
+        # Exit codes say more than "hung": a consumer that died of an
+        # exception leaves producers blocked on a full pipe.
+        codes = [p.exitcode for p, _ in self.consumers]
         return (
             f"seed {SEED}, round in {self.dir.name}: maxsize {self.maxsize}, "
             f"{len(self.producers)} producers ({len(self.killed_producers)} killed), "
-            f"{len(self.consumers)} consumers ({self.killed_consumers} killed)"
+            f"{len(self.consumers)} consumers ({self.killed_consumers} killed; "
+            f"exit codes now {codes})"
         )
 
     def start_consumer(self) -> None:
