@@ -32,7 +32,7 @@ def q() -> Iterator[pipeq.Queue[Any]]:
 
 
 @pytest.mark.skipif(
-    bool(os.environ.get("PIPEQ_NO_EXTENSIONS")), reason="PIPEQ_NO_EXTENSIONS selects the pure core"
+    pipeq._core.NO_EXTENSIONS, reason="PIPEQ_NO_EXTENSIONS selects the pure core"
 )
 def test_compiled_core_is_live() -> None:
     import pipeq._core_c

@@ -6,7 +6,8 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-NO_EXTENSIONS = bool(os.environ.get("PIPEQ_NO_EXTENSIONS")) or (
+# Set (and not "0"): use the pure core even where the compiled one is built.
+NO_EXTENSIONS = os.environ.get("PIPEQ_NO_EXTENSIONS", "") not in ("", "0") or (
     sys.implementation.name != "cpython"
 )
 
