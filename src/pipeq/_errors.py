@@ -24,7 +24,7 @@ class StreamError(ValueError):
 class PipeFullWarning(RuntimeWarning):
     """``put()`` has waited a long time for room in the queue's full pipe.
 
-    Nobody is reading: typically a program that puts more than the pipe holds
+    No consumer made room: typically a program that puts more than the pipe holds
     before any consumer runs.  See ``Queue(stall_warning=...)``.
     """
 
@@ -48,10 +48,10 @@ def warn_stalled(waited_ns: int, capacity: int) -> None:
     warnings.warn(
         PipeFullWarning(
             f"pipeq: put() has waited {waited_ns / 1e9:.1f} s for room in the "
-            f"queue's pipe, which is full ({capacity} bytes) and which nobody "
-            "is reading. Putting more than the pipe holds before any consumer "
-            "runs blocks here: start the consumers first, or bound the queue "
-            "with maxsize."
+            f"queue's pipe, which is full ({capacity} bytes): no consumer has "
+            "made room in that time. Putting more than the pipe holds before "
+            "any consumer runs blocks here: start the consumers first, or "
+            "bound the queue with maxsize."
         ),
         stacklevel=level,
     )
