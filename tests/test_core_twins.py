@@ -659,6 +659,80 @@ def test_reader_killed_inside_a_read(
     assert successor.qsize() == 0 and pipe_bytes(ch) == 0
 
 
+# -- a pure-core call cut short by an exception just after its syscall
+
+
+def _interrupted_after_syscall(name: str, nth: int) -> Callable[[], None]:
+    """Patch os.<name> so that its nth call on a pipe raises KeyboardInterrupt
+    after the real call returned: where a signal handler runs in the pure
+    core, its bytes moved and not yet counted.  Returns the undo."""
+    real = getattr(os, name)
+    calls = [0]
+
+    def patched(fd: int, buffers: Any) -> int:
+        n = real(fd, buffers)
+        calls[0] += 1
+        if calls[0] == nth:
+            raise KeyboardInterrupt
+        return n
+
+    setattr(os, name, patched)
+    return lambda: setattr(os, name, real)
+
+
+@pytest.mark.parametrize("nth", [1, 2, 3])
+@pytest.mark.parametrize("reader_core", list(CORES))
+def test_pure_writer_interrupted_just_after_a_write(
+    reader_core: str, nth: int, forked: Forked, opened: list[Any]
+) -> None:
+    """The interrupted put() raises, its frame is dropped whole, and the
+    same writer's next put() and every reader carry on (the next lock holder
+    settles where the write stopped, as for a writer killed there)."""
+    ch = _core_py.Channel()
+    reader = twin(ch, reader_core)
+    opened += (ch, reader)
+    big = b"\x02" * (3 * ch.capacity + 7)
+
+    def write() -> None:
+        undo = _interrupted_after_syscall("writev", nth)
+        try:
+            ch.put(big, timeout=CHILD_TIMEOUT)
+        except KeyboardInterrupt:
+            pass
+        else:
+            raise AssertionError("put() was not interrupted")
+        finally:
+            undo()
+        ch.put("after", timeout=CHILD_TIMEOUT)
+
+    writer = forked.fork(write)
+    assert reader.get(timeout=TIMEOUT) == "after"
+    forked.wait_ok(writer)
+    assert reader.qsize() == 0 and pipe_bytes(ch) == 0
+
+
+@pytest.mark.parametrize("nth", [1, 2], ids=["after-header", "after-body"])
+def test_pure_reader_interrupted_just_after_a_read(nth: int, opened: list[Any]) -> None:
+    """The interrupted get() raises; the frame it was in is dropped and the
+    next get() of the same reader reads on, nothing torn."""
+    ch = _core_py.Channel()
+    opened.append(ch)
+    items = [b"\x03" * (ch.capacity // 2), "next", b"\x04" * 100]
+    for item in items:
+        ch.put(item, timeout=TIMEOUT)
+    undo = _interrupted_after_syscall("readv", nth)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ch.get(timeout=TIMEOUT)
+    finally:
+        undo()
+    got = []
+    while len(got) < 3 and ch.qsize():
+        got.append(ch.get(timeout=TIMEOUT))
+    assert got == items[len(items) - len(got) :] and len(got) >= 2
+    assert pipe_bytes(ch) == 0
+
+
 # -- a writer SIGKILLed between a write and recording how far it got
 
 

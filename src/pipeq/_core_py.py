@@ -663,16 +663,17 @@ class Channel:
                 except BrokenPipeError:
                     wr_try.value = wr_pos.value
                     _raise_errno(errno.EPIPE)
-                except BaseException:
-                    wr_try.value = wr_pos.value
-                    raise
+                # Any other exception (a signal handler that raised) may come
+                # just after the write returned, its bytes in the pipe and not
+                # counted: WR_TRY stays, and the next writer settles where
+                # this one stopped, as for a writer killed there.
                 wr_pos.value += n
                 wr_try.value = wr_pos.value
                 i = _advance(iov, i, n)
             ok = True
             return WRITE_DONE
         finally:
-            if not ok and frame and wr_pos.value == 0:
+            if not ok and frame and wr_pos.value == 0 and wr_try.value == 0:
                 # Nothing of this frame reached the pipe: it never existed.
                 self._wr_end.value = 0
                 self._puts.value -= 1
@@ -933,9 +934,8 @@ class Channel:
         except BlockingIOError:
             self._rd_try.value = 0
             return None
-        except BaseException:
-            self._rd_try.value = 0
-            raise
+        # Any other exception (a signal handler that raised) may come just
+        # after the read returned: RD_TRY stays, for the next reader to settle.
         if n == 0:
             self._rd_try.value = 0
             raise EOFError("pipeq: every write end of the pipe is closed")
@@ -1082,9 +1082,8 @@ class Channel:
                     return False
                 _wait_fd(self._rfd, select.POLLIN, time.monotonic_ns() + MIDFRAME_SLICE_NS)
                 continue
-            except BaseException:
-                rd_try.value = rd_pos.value
-                raise
+            # As in _write_iov: on any other exception RD_TRY stays, for the
+            # next reader to settle.
             rd_pos.value += n
             rd_try.value = rd_pos.value
             if n == 0:
