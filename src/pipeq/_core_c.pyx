@@ -883,6 +883,13 @@ cdef class Channel:
                     pq_store(shm + O_WR_TRY, pq_load(shm + O_WR_POS))
                 if n >= 0:
                     i = _advance(iov, niov, i, n)
+                    if i < niov:
+                        # Part of a frame larger than the pipe is in: a signal
+                        # handler that raises now abandons the frame (its
+                        # debt is paid by the next writer), as one raising in
+                        # the wait for room does, rather than once it is all
+                        # sent.  WR_POS is exact here.
+                        PyErr_CheckSignals()
                 elif n < 0 and err == EINTR:
                     PyErr_CheckSignals()
                 elif n < 0 and (err == EAGAIN or err == EWOULDBLOCK):
