@@ -31,9 +31,7 @@ def q() -> Iterator[pipeq.Queue[Any]]:
 # -- which core
 
 
-@pytest.mark.skipif(
-    pipeq._core.NO_EXTENSIONS, reason="PIPEQ_NO_EXTENSIONS selects the pure core"
-)
+@pytest.mark.skipif(pipeq._core.NO_EXTENSIONS, reason="PIPEQ_NO_EXTENSIONS selects the pure core")
 def test_compiled_core_is_live() -> None:
     import pipeq._core_c
 

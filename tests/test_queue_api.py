@@ -303,6 +303,12 @@ def test_nonpositive_maxsize_is_unbounded(make_queue: QueueFactory, maxsize: int
     assert [q.get(timeout=TIMEOUT) for _ in range(1000)] == list(range(1000))
 
 
+@pytest.mark.parametrize("maxsize", [float("nan"), 1.5, "3", None])
+def test_maxsize_must_be_an_integer(make_queue: QueueFactory, maxsize: Any) -> None:
+    with pytest.raises(TypeError):
+        make_queue(maxsize)
+
+
 def test_blocked_put_proceeds_when_another_thread_gets(make_queue: QueueFactory) -> None:
     q = make_queue(1)
     q.put("first")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import select
 from multiprocessing.context import BaseContext, assert_spawning
 from queue import Empty, Full
@@ -128,6 +129,8 @@ class Queue(_Ends, Generic[T]):
         ctx: BaseContext | None = None,
         stall_warning: float | None = STALL_WARNING_S,
     ) -> None:
+        if maxsize > 0 or maxsize != maxsize:  # NaN: a TypeError, as in the stdlib
+            operator.index(maxsize)
         self._maxsize = maxsize if maxsize > 0 else 0
         self._channel = Channel(self._maxsize, self._joinable)
         self._channel.stall_warning = stall_warning
