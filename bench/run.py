@@ -407,12 +407,19 @@ def _registry() -> tuple[dict[str, Impl], list[str]]:
                 get=_ff_get,
                 get_many=_ff_get_many,
             ),
+            Impl(
+                "faster-fifo put_many+get_many",
+                _make_faster_fifo,
+                get=_ff_get,
+                put_many=_put_many,
+                get_many=_ff_get_many,
+            ),
         ]
     else:
         notes.append("faster-fifo is not installed: its rows are skipped (pip install faster-fifo)")
     if pipeq is not None:
         impls.append(Impl("pipeq get", _make_pipeq))
-        # pipeq's batch calls, once they exist; assumed to take faster-fifo's arguments.
+        # pipeq's batch calls (faster-fifo's names and arguments).
         if hasattr(pipeq.Queue, "get_many"):
             impls.append(Impl("pipeq get_many", _make_pipeq, get_many=_get_many))
         if hasattr(pipeq.Queue, "put_many") and hasattr(pipeq.Queue, "get_many"):

@@ -125,7 +125,7 @@ def test_same_public_interface() -> None:
 
     assert public(_core_py.Channel) == public(_core_c.Channel) == {
         "acquire_read_lock", "capacity", "close", "closed", "empty", "fileno",
-        "full", "get", "join", "joinable", "maxsize", "put", "qsize",
+        "full", "get", "get_many", "join", "joinable", "maxsize", "put", "put_many", "qsize",
         "release_read_lock", "stall_warning", "task_done", "unfinished", "writer_fileno",
     }  # fmt: skip
     assert callable(_core_py._rebuild) and callable(_core_c._rebuild)
@@ -659,6 +659,59 @@ def test_reader_killed_inside_a_read(
     assert successor.qsize() == 0 and pipe_bytes(ch) == 0
 
 
+def _die_inside_group_read(r: Any, stage: str) -> None:
+    """In a forked child, through r (a pure-core Channel): do what the
+    compiled get_many() does with a group's lead at the head of the pipe
+    (read its header, then the rest of the group by one read), and die at
+    `stage`, holding the read lock: inside that read (the bytes gone, RD_POS
+    not moved), after it (RD_POS moved, nothing counted), or while counting
+    (RD_BASE moved, GETS not yet)."""
+    assert r._lock(r._rlock, -1) == 0
+    r._rd_try.value = _shm.HDR
+    assert os.readv(r.fileno(), [r._rd_hdr]) == _shm.HDR
+    r._rd_pos.value = r._rd_try.value = _shm.HDR
+    flags, nbuf, length = _shm.HEADER.unpack_from(bytes(r._rd_hdr))[2:]
+    frames, size = _shm.group_rest(flags, nbuf)
+    end = _shm.wire_size(length) + size
+    r._rd_try.value = end
+    assert len(os.read(r.fileno(), end - _shm.HDR)) == end - _shm.HDR
+    if stage == "after-read":
+        r._rd_pos.value = end
+    elif stage == "counting":
+        r._rd_pos.value = end
+        r._rd_cnt.value = frames + 1
+        r._rd_base.value = _core_py._next_base(r._rd_base.value, end)
+        r._rd_try.value = r._rd_pos.value = 0
+    os._exit(0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs robust mutexes")
+@pytest.mark.parametrize("stage", ["inside-read", "after-read", "counting"])
+@pytest.mark.parametrize("successor_core", list(CORES))
+def test_reader_killed_inside_a_group_read(
+    successor_core: str, stage: str, forked: Forked, opened: list[Any]
+) -> None:
+    """A get_many() reader killed as it takes a whole put_many() group by one
+    read: the group's frames are gone with it, counted as taken, and the
+    frames behind the group are delivered to the next reader, of either
+    core."""
+    ch = _core_c.Channel()
+    successor = twin(ch, successor_core)
+    probe = twin(ch, "py")
+    opened += (ch, successor, probe)
+    group = [1, "two", b"three", 4.0, None]
+    ch.put_many(group)
+    ch.put("behind")
+    forked.wait_ok(forked.fork(lambda: _die_inside_group_read(probe, stage)))
+    assert successor.get(timeout=TIMEOUT) == "behind"
+    assert successor.qsize() == 0 and pipe_bytes(ch) == 0
+    ch.put_many(["a", "b", "c"])
+    assert successor.get_many(10, timeout=TIMEOUT) == ["a", "b", "c"]
+    # Counted as lost (for JoinableQueue's count) unless the dead reader had
+    # begun to count them as its own, as for a single frame.
+    assert probe._lost.value == (0 if stage == "counting" else len(group))
+
+
 # -- a pure-core call cut short by an exception just after its syscall
 
 
@@ -736,18 +789,21 @@ def test_pure_reader_interrupted_just_after_a_read(nth: int, opened: list[Any]) 
 # -- a writer SIGKILLed between a write and recording how far it got
 
 
-def _die_inside_write(w: Any, wire: bytes, n: int) -> None:
+def _die_inside_write(w: Any, wire: bytes, n: int, frames: int = 1) -> None:
     """In a forked child, through w (a pure-core Channel, whose page fields
     Python can reach): leave the page as a writer does that is killed after
-    its writev() put n bytes of `wire` in the pipe, before it stored its new
-    WR_POS.  Exits holding the write lock, as such a writer does."""
+    its writev() put n bytes of `wire` (one frame, or a put_many group of
+    `frames` frames) in the pipe, before it stored its new WR_POS.  Exits
+    holding the write lock, as such a writer does."""
     assert w._lock(w._wlock, -1) == 0
     if _core_py._parity(w._wr_base.value, w._puts.value):  # the last frame is over
         w._wr_base.value = _core_py._next_base(w._wr_base.value, w._wr_pos.value)
     w._page[_shm.O_WR_HDR : _shm.O_WR_HDR + _shm.HDR] = wire[: _shm.HDR]
     w._wr_pos.value = 0
+    w._wr_try.value = 0
+    w._wr_cnt.value = frames
     w._wr_end.value = len(wire)
-    w._puts.value += 1
+    w._puts.value += frames
     w._wr_try.value = len(wire)  # the writev asked for the whole frame
     if n:
         os.write(w.writer_fileno(), wire[:n])
@@ -796,6 +852,67 @@ def test_writer_killed_inside_a_write(
                 reader.get(timeout=SHORT)
         writer.put("after", timeout=TIMEOUT)
         got.append(reader.get(timeout=TIMEOUT))
+    assert got == want
+    assert reader.qsize() == 0 and pipe_bytes(reader) == 0
+    later = ["again", make_payload("bytes", CHUNK + 1)]
+    assert roundtrip(writer, reader, later) == later
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs robust mutexes")
+@pytest.mark.parametrize("writer_first", [False, True], ids=["reader-first", "writer-first"])
+@pytest.mark.parametrize("cut", ["none", "whole"])
+@pytest.mark.parametrize("batch", ["get", "get_many"])
+@pytest.mark.parametrize("writer_core,reader_core", PAIRS)
+def test_writer_killed_inside_a_group_write(
+    writer_core: str,
+    reader_core: str,
+    batch: str,
+    cut: str,
+    writer_first: bool,
+    forked: Forked,
+    opened: list[Any],
+) -> None:
+    """The same for a put_many() writer killed inside the one write of a
+    group of small frames, which the pipe takes whole or not at all: its
+    frames are all delivered, or none is and the count of items drops back;
+    the queue goes on, in both cores."""
+    writer = load(writer_core).Channel()
+    reader = twin(writer, reader_core)
+    probe = twin(writer, "py")
+    source = _core_c.Channel()  # the compiled core writes groups
+    opened += (writer, reader, probe, source)
+    items = [1, "two", b"three"]
+    source.put_many(items)
+    wire = os.read(source.fileno(), 1 << 16)
+    assert wire[3] & _shm.FLAG_GROUP and len(wire) < select.PIPE_BUF
+    n = {"none": 0, "whole": len(wire)}[cut]
+    forked.wait_ok(forked.fork(lambda: _die_inside_write(probe, wire, n, len(items))))
+    assert reader.qsize() == len(items)
+    want = [*items, "after"] if cut == "whole" else ["after"]
+
+    def take(k: int) -> list[Any]:
+        if batch == "get":
+            return [reader.get(timeout=TIMEOUT) for _ in range(k)]
+        got: list[Any] = []
+        while len(got) < k:
+            got += reader.get_many(k - len(got), timeout=TIMEOUT)
+        return got
+
+    got: list[Any] = []
+    if writer_first:
+        t = threading.Thread(target=writer.put, args=("after", TIMEOUT), daemon=True)
+        t.start()
+        got += take(len(want))
+        t.join(TIMEOUT)
+        assert not t.is_alive()
+    else:
+        if cut == "whole":
+            got += take(len(items))
+        else:
+            with pytest.raises(queue.Empty):
+                reader.get(timeout=SHORT)
+        writer.put("after", timeout=TIMEOUT)
+        got += take(1)
     assert got == want
     assert reader.qsize() == 0 and pipe_bytes(reader) == 0
     later = ["again", make_payload("bytes", CHUNK + 1)]

@@ -10,12 +10,13 @@ if sys.platform == "win32":  # before anything imports fcntl or termios
 
 from queue import Empty, Full  # noqa: E402
 
-from pipeq._errors import PipeFullWarning, StreamError  # noqa: E402
+from pipeq._errors import BatchFull, PipeFullWarning, StreamError  # noqa: E402
 from pipeq.queues import JoinableQueue, Queue, SimpleQueue  # noqa: E402
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BatchFull",
     "Empty",
     "Full",
     "JoinableQueue",

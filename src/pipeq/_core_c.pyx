@@ -22,7 +22,15 @@ from pickle import Pickler
 from pickle import loads as _loads
 
 from pipeq import _shm
-from pipeq._errors import STALL_WARNING_S, StreamError, raise_errno, stall_ns, warn_stalled
+from pipeq._errors import (
+    STALL_WARNING_S,
+    BatchFull,
+    StreamError,
+    attach_messages,
+    raise_errno,
+    stall_ns,
+    warn_stalled,
+)
 
 cdef extern from *:
     """
@@ -188,6 +196,8 @@ cdef enum:
     SPAN_TORN = 0
     SPAN_MORE = 1
     SPAN_END = 2
+    # Most frames put_many() sends by one write (a frame is at least HDR + 1 bytes).
+    GROUP_MAX = 256
 
 cdef uint64_t CHUNK = _shm.CHUNK
 cdef uint8_t MARK_CONT = _shm.MARK_CONT
@@ -195,7 +205,10 @@ cdef uint8_t MARK_COMMIT = _shm.MARK_COMMIT
 cdef uint8_t MARK_TORN = _shm.MARK_TORN
 cdef uint8_t FLAG_OOB = _shm.FLAG_OOB
 cdef uint8_t FLAG_RAW = _shm.FLAG_RAW
-cdef uint8_t KNOWN_FLAGS = FLAG_OOB | FLAG_RAW
+cdef uint8_t FLAG_GROUP = _shm.FLAG_GROUP
+cdef uint32_t GROUP_SHIFT = _shm.GROUP_SHIFT
+cdef uint32_t GROUP_BYTES = _shm.GROUP_BYTES
+cdef uint8_t KNOWN_FLAGS = FLAG_OOB | FLAG_RAW | FLAG_GROUP
 cdef uint8_t VERSION = _shm.VERSION
 cdef Py_ssize_t OOB_MIN = _shm.OOB_MIN
 cdef uint64_t MAX_BODY = _shm.MAX_BODY
@@ -213,6 +226,7 @@ cdef size_t O_RD_HDR = _shm.O_RD_HDR
 cdef size_t O_WR_BASE = _shm.O_WR_BASE
 cdef size_t O_RD_TRY = _shm.O_RD_TRY
 cdef size_t O_RD_BASE = _shm.O_RD_BASE
+cdef size_t O_RD_CNT = _shm.O_RD_CNT
 cdef uint64_t BASE_PARITY = _shm.BASE_PARITY
 cdef size_t O_WLOCK = _shm.O_WLOCK
 cdef size_t O_RLOCK = _shm.O_RLOCK
@@ -220,6 +234,7 @@ cdef size_t O_TLOCK = _shm.O_TLOCK
 cdef size_t O_LOST = _shm.O_LOST
 cdef size_t O_DONE = _shm.O_DONE
 cdef size_t O_JOINERS = _shm.O_JOINERS
+cdef size_t O_WR_CNT = _shm.O_WR_CNT
 
 # Lock waits are sliced so that signal handlers run while a lock is awaited.
 cdef int64_t LOCK_SLICE_NS = 50_000_000
@@ -317,6 +332,68 @@ cdef inline uint64_t _body_done(uint64_t pos, uint64_t length) noexcept nogil:
     return k * CHUNK + (off if off < clen else clen)
 
 
+cdef inline void _fill_header(uint8_t *hdr, uint8_t flags, uint32_t nbuf,
+                              uint64_t length) noexcept:
+    hdr[0] = 0x70  # 'p'
+    hdr[1] = 0x71  # 'q'
+    hdr[2] = VERSION
+    hdr[3] = flags
+    hdr[4] = nbuf & 0xff
+    hdr[5] = (nbuf >> 8) & 0xff
+    hdr[6] = (nbuf >> 16) & 0xff
+    hdr[7] = (nbuf >> 24) & 0xff
+    _put_u64(hdr + 8, length)
+
+
+cdef inline void _mark_group(uint8_t *hdr, uint32_t frames, uint32_t size) noexcept:
+    """Make hdr lead a group of frames more frames (size wire bytes), or none."""
+    cdef uint32_t nbuf = (frames << GROUP_SHIFT) | size if frames else 0
+    if frames:
+        hdr[3] |= FLAG_GROUP
+    else:
+        hdr[3] &= ~FLAG_GROUP
+    hdr[4] = nbuf & 0xff
+    hdr[5] = (nbuf >> 8) & 0xff
+    hdr[6] = (nbuf >> 16) & 0xff
+    hdr[7] = (nbuf >> 24) & 0xff
+
+
+cdef bytes _small_frame(object body, uint8_t flags):
+    """The wire bytes of a one-chunk frame whose body is the buffer body."""
+    cdef Py_buffer view
+    cdef uint8_t *p
+    PyObject_GetBuffer(body, &view, PyBUF_SIMPLE)
+    try:
+        frame = PyBytes_FromStringAndSize(NULL, HDR + view.len + 1)
+        p = <uint8_t *>PyBytes_AS_STRING(frame)
+        _fill_header(p, flags, 0, <uint64_t>view.len)
+        memcpy(p + HDR, view.buf, view.len)
+        p[HDR + view.len] = MARK_COMMIT
+    finally:
+        PyBuffer_Release(&view)
+    return frame
+
+
+cdef void _note_put_many(object exc, Py_ssize_t done, Py_ssize_t total):
+    if done and hasattr(exc, "add_note"):
+        exc.add_note(f"pipeq: put_many() had put {done} of {total} items, in order")
+
+
+cdef bint _header_ok(const uint8_t *h) noexcept nogil:
+    """Whether a frame header makes sense (as _shm.header_ok, magic too)."""
+    cdef uint8_t flags = h[3]
+    cdef uint64_t length = _get_u64(h + 8)
+    cdef uint32_t nbuf = _get_u32(h + 4), frames
+    if (h[0] != 0x70 or h[1] != 0x71 or h[2] != VERSION
+            or (flags & ~KNOWN_FLAGS) or length > MAX_BODY):
+        return False
+    if flags & FLAG_GROUP:
+        frames = nbuf >> GROUP_SHIFT
+        return (not (flags & FLAG_OOB) and frames >= 2 and frames % 2 == 0
+                and (nbuf & GROUP_BYTES) >= frames * (HDR + 1) and length < CHUNK)
+    return (nbuf != 0) == ((flags & FLAG_OOB) != 0) and (<uint64_t>nbuf) * 8 <= length
+
+
 cdef int _raise_errno(int err) except -1:
     raise_errno(err)
 
@@ -339,6 +416,11 @@ cdef class _OOBCollector:
         self.views.append(view)
         return False
 
+
+# get_many() stops once it has read this many bytes: past it, a batch saves
+# nothing worth having, and holding many large fresh buffers at once costs
+# page faults.
+cdef uint64_t BATCH_BYTES = 65536
 
 # A sink whose pickle grew past this is not kept for reuse: it would hold on
 # to that much memory.
@@ -363,18 +445,30 @@ cdef class _Pickling:
         self.pickler = Pickler(self.sink, 5, fix_imports=True, buffer_callback=self.collector)
         self.busy = False
 
-    cdef object dump(self, obj):
+    cdef object dump(self, obj, bint same_call=False):
         """The pickle (a memoryview of the sink) and the out-of-band views.
-        The caller drops both, then calls done(), before the next dump."""
-        table = copyreg.dispatch_table.copy()
-        table.update(ForkingPickler._extra_reducers)
-        self.pickler.dispatch_table = table
+        The caller drops both, then calls done() (or, between the items of
+        one put_many(), recycle()) before the next dump.  same_call: the
+        reducers are the ones the last dump of this call took."""
+        if not same_call:
+            table = copyreg.dispatch_table.copy()
+            table.update(ForkingPickler._extra_reducers)
+            self.pickler.dispatch_table = table
         self.pickler.clear_memo()
         self.collector.views = []
         self.sink.seek(0)
         self.sink.truncate()
         self.pickler.dump(obj)
         return self.sink.getbuffer(), self.collector.views
+
+    cdef void recycle(self) noexcept:
+        """Between the dumps of one put_many(): let go of a large sink."""
+        if self.sink.tell() > KEEP_SINK_MAX:
+            table = self.pickler.dispatch_table
+            self.sink = BytesIO()
+            self.pickler = Pickler(self.sink, 5, fix_imports=True,
+                                   buffer_callback=self.collector)
+            self.pickler.dispatch_table = table
 
     cdef void done(self) noexcept:
         if self.sink.tell() > KEEP_SINK_MAX:
@@ -613,19 +707,8 @@ cdef class Channel:
         before the frame could be written whole."""
         self._check()
         cdef int64_t deadline = _deadline(timeout)
-        cdef uint8_t hdr[HDR]
-        cdef Py_buffer *views = NULL
-        cdef iovec *segs = NULL
-        cdef iovec *iov = NULL
-        cdef uint8_t *table = NULL
-        cdef Py_ssize_t nviews = 0, nsegs = 0, i
-        cdef uint64_t length = 0, take, filled = 0
         cdef uint8_t flags = 0
         cdef uint32_t nbuf = 0
-        cdef int niov = 0
-        cdef char *base
-        cdef size_t left
-
         # Pickle before taking any lock: a failure leaves the queue untouched.
         cdef _Pickling pickling = None
         if type(obj) is bytes:
@@ -644,7 +727,125 @@ cdef class Channel:
                 nbuf = len(oob)
                 parts.extend(oob)
             data = oob = None
+        try:
+            self._put_parts(parts, flags, nbuf, deadline)
+        finally:
+            if pickling is not None:
+                parts = None  # the last view of the sink: it may be reused now
+                pickling.done()
 
+    def put_many(self, objs, timeout=None):
+        """Write every object of the iterable objs, in order, each as its own
+        frame.  All are pickled before the first is written, so a pickling
+        error leaves the queue untouched.  Runs of small frames go out
+        together, by one write of at most PIPE_BUF bytes under one hold of
+        the write lock.  Raises BatchFull (a queue.Full) when the deadline
+        passes first, saying how many went in."""
+        self._check()
+        cdef int64_t deadline = _deadline(timeout)
+        cdef list frames = self._encode_many(objs)
+        cdef Py_ssize_t n = len(frames), i = 0, j, k, room
+        cdef uint64_t size, w
+        cdef iovec iov[GROUP_MAX]
+        cdef bytes small
+        try:
+            while i < n:
+                item = frames[i]
+                if type(item) is not bytes:
+                    self._put_parts(item[0], item[1], item[2], deadline)
+                    i += 1
+                    continue
+                # A run of small frames: as many as fit in PIPE_BUF bytes and
+                # in the free slots of a bounded queue, an odd number of them.
+                room = n
+                if self.maxsize > 0:
+                    room = self.maxsize - self._count()
+                j = i
+                size = 0
+                while j < n and j - i < room and j - i < GROUP_MAX and type(frames[j]) is bytes:
+                    w = len(<bytes>frames[j])
+                    if size + w > <uint64_t>PIPE_BUF:
+                        break
+                    iov[j - i].iov_base = PyBytes_AS_STRING(frames[j])
+                    iov[j - i].iov_len = w
+                    size += w
+                    j += 1
+                k = j - i
+                if k > 1 and k % 2 == 0:
+                    k -= 1
+                    size -= iov[k].iov_len
+                small = <bytes>item
+                if k <= 1:
+                    # One frame, as put() writes it (waiting for a free slot).
+                    k = 1
+                    iov[0].iov_base = PyBytes_AS_STRING(small)
+                    iov[0].iov_len = len(small)
+                    size = iov[0].iov_len
+                # The lead's header says what follows it (see FLAG_GROUP).
+                # (The bytes are this call's own, not yet shared.)
+                _mark_group(<uint8_t *>PyBytes_AS_STRING(small), <uint32_t>(k - 1),
+                            <uint32_t>(size - iov[0].iov_len))
+                if self._put_frame(<uint8_t *>PyBytes_AS_STRING(small), iov, <int>k, size,
+                                   deadline, <uint64_t>k):
+                    i += k
+                # else: the free slots went to another producer; look again.
+        except queue.Full:
+            raise BatchFull(i, n) from None
+        except BaseException as exc:
+            _note_put_many(exc, i, n)
+            raise
+
+    cdef list _encode_many(self, objs):
+        """Each object as a frame: a small one as the bytes it goes out as
+        (header, body, COMMIT); a larger one as (parts, flags, nbuf) for
+        _put_parts, its out-of-band buffers still in their objects."""
+        cdef list frames = []
+        cdef _Pickling pickling = None
+        cdef uint8_t flags
+        cdef uint32_t nbuf
+        try:
+            for obj in objs:
+                flags = 0
+                if type(obj) is bytes:
+                    if HDR + len(<bytes>obj) + 1 <= PIPE_BUF:
+                        frames.append(_small_frame(obj, FLAG_RAW))
+                    else:
+                        frames.append(([obj], FLAG_RAW, 0))
+                    continue
+                if pickling is None:
+                    pickling = _take_pickling()
+                    data, oob = pickling.dump(obj)
+                else:
+                    data, oob = pickling.dump(obj, True)
+                if oob:
+                    parts = [bytes(data)]
+                    parts.extend(oob)
+                    frames.append((parts, FLAG_OOB, len(oob)))
+                elif HDR + len(data) + 1 <= PIPE_BUF:
+                    frames.append(_small_frame(data, 0))
+                else:
+                    frames.append(([bytes(data)], 0, 0))
+                data = oob = parts = None
+                pickling.recycle()
+        finally:
+            if pickling is not None:
+                data = None
+                pickling.done()
+        return frames
+
+    cdef int _put_parts(self, list parts, uint8_t flags, uint32_t nbuf,
+                        int64_t deadline) except -1:
+        """Write one frame whose body is parts: [pickle or bytes, buffers...]."""
+        cdef uint8_t hdr[HDR]
+        cdef Py_buffer *views = NULL
+        cdef iovec *segs = NULL
+        cdef iovec *iov = NULL
+        cdef uint8_t *table = NULL
+        cdef Py_ssize_t nviews = 0, nsegs = 0, i
+        cdef uint64_t length = 0, take, filled = 0
+        cdef int niov = 0
+        cdef char *base
+        cdef size_t left
         try:
             # Body segments: [length table,] pickle or bytes, [buffers...]
             views = <Py_buffer *>PyMem_Malloc(len(parts) * sizeof(Py_buffer))
@@ -697,17 +898,8 @@ cdef class Channel:
             iov[niov].iov_base = &MARK_COMMIT
             iov[niov].iov_len = 1
             niov += 1
-
-            hdr[0] = 0x70  # 'p'
-            hdr[1] = 0x71  # 'q'
-            hdr[2] = VERSION
-            hdr[3] = flags
-            hdr[4] = nbuf & 0xff
-            hdr[5] = (nbuf >> 8) & 0xff
-            hdr[6] = (nbuf >> 16) & 0xff
-            hdr[7] = (nbuf >> 24) & 0xff
-            _put_u64(hdr + 8, length)
-            self._put_frame(hdr, iov, niov, HDR + length + _nchunks(length), deadline)
+            _fill_header(hdr, flags, nbuf, length)
+            self._put_frame(hdr, iov, niov, HDR + length + _nchunks(length), deadline, 1)
         finally:
             for i in range(nviews):
                 PyBuffer_Release(&views[i])
@@ -715,19 +907,22 @@ cdef class Channel:
             PyMem_Free(segs)
             PyMem_Free(iov)
             PyMem_Free(table)
-            if pickling is not None:
-                parts = None  # the last view of the sink: it may be reused now
-                pickling.done()
+        return 0
 
     cdef int _put_frame(self, uint8_t *hdr, iovec *iov, int niov, uint64_t total,
-                        int64_t deadline) except -1:
+                        int64_t deadline, uint64_t count) except -1:
+        """Write iov: one frame (count 1), or count small frames that
+        together fit in PIPE_BUF bytes.  1 when written; 0 when a bounded
+        queue has no room for count > 1 frames (the caller sends fewer)."""
         cdef int r
         # A frame that fits in the pipe is begun only once it fits whole, so a
         # timeout never cuts it; only a frame larger than the pipe is streamed
         # (holding the write lock) and can be left unfinished.
         cdef bint sized = total > <uint64_t>PIPE_BUF and total <= <uint64_t>self.capacity
         while True:
-            if self.maxsize > 0 and self._count() >= self.maxsize:
+            if self.maxsize > 0 and self._count() + <int64_t>count > self.maxsize:
+                if count > 1:
+                    return 0
                 if not self._wait_room(deadline):
                     raise queue.Full
                 continue
@@ -738,11 +933,11 @@ cdef class Channel:
             if self._lock_writer(deadline, total) == TIMED_OUT:
                 raise queue.Full
             try:
-                r = self._begin_frame(hdr, iov, niov, total, sized, deadline)
+                r = self._begin_frame(hdr, iov, niov, total, sized, deadline, count)
             finally:
                 self._unlock(O_WLOCK)
             if r == PUT_DONE:
-                return 0
+                return 1
             if r == PUT_UNSETTLED:
                 # A writer was killed inside a write; wait (not holding the
                 # lock) for a reader to drain the pipe and settle where it
@@ -772,7 +967,7 @@ cdef class Channel:
                 return TIMED_OUT
 
     cdef int _begin_frame(self, uint8_t *hdr, iovec *iov, int niov, uint64_t total,
-                          bint sized, int64_t deadline) except -1:
+                          bint sized, int64_t deadline, uint64_t count) except -1:
         """Holding the write lock: write the frame.  PUT_DONE, or what to
         wait for (not holding the lock) before trying again."""
         cdef uint8_t *shm = self._shm
@@ -781,13 +976,13 @@ cdef class Channel:
             if not _parity(pq_load(shm + O_WR_BASE), pq_load(shm + O_PUTS)):
                 # Its writer was killed after recording the frame and before
                 # counting it: its header may be in the pipe, so it counts.
-                pq_store(shm + O_PUTS, pq_load(shm + O_PUTS) + 1)
+                pq_store(shm + O_PUTS, pq_load(shm + O_PUTS) + pq_load(shm + O_WR_CNT))
             r = self._pay_debt(deadline)
             if r == 0:
                 raise queue.Full
             if r == 2:
                 return PUT_UNSETTLED
-        if self.maxsize > 0 and self._count() >= self.maxsize:
+        if self.maxsize > 0 and self._count() + <int64_t>count > self.maxsize:
             return PUT_AGAIN  # another producer took the last slot
         if sized and not self._has_room(total):
             return PUT_AGAIN
@@ -800,8 +995,9 @@ cdef class Channel:
         memcpy(shm + O_WR_HDR, hdr, HDR)
         pq_store(shm + O_WR_POS, 0)
         pq_store(shm + O_WR_TRY, 0)
+        pq_store(shm + O_WR_CNT, count)
         pq_store(shm + O_WR_END, total)
-        pq_store(shm + O_PUTS, pq_load(shm + O_PUTS) + 1)
+        pq_store(shm + O_PUTS, pq_load(shm + O_PUTS) + count)
         r = self._write_iov(iov, niov, deadline, True)
         if r == 1:
             pq_store(shm + O_WR_END, 0)
@@ -905,7 +1101,7 @@ cdef class Channel:
             if not ok and frame and pq_load(shm + O_WR_POS) == 0:
                 # Nothing of this frame reached the pipe: it never existed.
                 pq_store(shm + O_WR_END, 0)
-                pq_store(shm + O_PUTS, pq_load(shm + O_PUTS) - 1)
+                pq_store(shm + O_PUTS, pq_load(shm + O_PUTS) - pq_load(shm + O_WR_CNT))
 
     cdef int _pay_debt(self, int64_t deadline) except -1:
         """End a frame that an earlier writer left unfinished: fill up the
@@ -955,7 +1151,8 @@ cdef class Channel:
         cdef uint64_t wpos = pq_load(shm + O_WR_POS)
         cdef uint64_t wtry = pq_load(shm + O_WR_TRY)
         cdef uint64_t end = pq_load(shm + O_WR_END)
-        cdef uint64_t rpos, pending, pos
+        cdef uint64_t cnt = pq_load(shm + O_WR_CNT)
+        cdef uint64_t rpos, pending, pos, read
         cdef int st
         if wtry <= wpos:
             return 1
@@ -969,12 +1166,22 @@ cdef class Channel:
             if (pq_load(shm + O_RD_TRY) > rpos
                     or not _parity(pq_load(shm + O_RD_BASE), pq_load(shm + O_GETS))):
                 return 0  # a reader was killed too: the next get() settles it first
+            if rpos and cnt > 1:
+                # A group of frames goes into the pipe whole or not at all, so
+                # a reader inside a frame with the pipe empty has read all of
+                # it and stopped (killed) before counting it: count it here.
+                read = self._read_step_end()
+                if not read:
+                    return 0
+                pq_store(shm + O_LOST, pq_load(shm + O_LOST) + read)
+                self._frame_done(read)
+                rpos = 0
             pending = pq_load(shm + O_PUTS) - pq_load(shm + O_GETS)
             if rpos:
                 pos = rpos  # a reader is inside this frame, and read all of it
             elif pending == 0:
                 pos = end  # the frame went out whole and was read
-            elif pending == 1 and wpos == 0:
+            elif pending == cnt and wpos == 0:
                 pos = 0  # not one byte of it reached the pipe
             else:
                 return 0
@@ -985,7 +1192,7 @@ cdef class Channel:
             if pos == 0:
                 # The frame never existed.
                 pq_store(shm + O_WR_END, 0)
-                pq_store(shm + O_PUTS, pq_load(shm + O_PUTS) - 1)
+                pq_store(shm + O_PUTS, pq_load(shm + O_PUTS) - cnt)
             return 1
         finally:
             self._unlock(O_RLOCK)
@@ -1150,7 +1357,7 @@ cdef class Channel:
                     raise queue.Empty
             before = pq_load(self._shm + O_GETS)
             try:
-                frame = self._read_frame()
+                frame = self._read_frame(1)
                 if frame is False:
                     self._frame_lost()
             finally:
@@ -1169,6 +1376,67 @@ cdef class Channel:
                 return data
             return _loads(data, buffers=buffers)
 
+    def get_many(self, Py_ssize_t max_messages, timeout=None):
+        """Read and unpickle up to max_messages frames, in order, under one
+        hold of the read lock: wait (as get() does) for the first, then take
+        those that follow while the pipe holds more.  Every frame read is
+        returned; none is kept back.  Raises queue.Empty when no frame starts
+        before the deadline."""
+        self._check()
+        if max_messages < 1:
+            raise ValueError(f"max_messages must be at least 1, not {max_messages}")
+        cdef int64_t deadline = _deadline(timeout)
+        cdef int st
+        cdef uint64_t base0
+        cdef list frames = []
+        while True:
+            st = pq_mutex_trylock(self._shm + O_RLOCK)
+            if st != 0 and st != PQ_OWNERDEAD:
+                if st != EBUSY:
+                    _raise_errno(st)
+                if not self._wait_fd(self._rfd, POLLIN, deadline):
+                    raise queue.Empty
+                st = self._lock(O_RLOCK, deadline)
+                if st == TIMED_OUT:
+                    raise queue.Empty
+            before = pq_load(self._shm + O_GETS)
+            base0 = pq_load(self._shm + O_RD_BASE)
+            try:
+                try:
+                    while True:
+                        frame = self._read_frame(max_messages - len(frames))
+                        if frame is None:
+                            break
+                        if frame is False:
+                            self._frame_lost()  # torn: its writer gave up
+                            continue
+                        if type(frame) is list:
+                            frames.extend(<list>frame)  # a group, by one read
+                        else:
+                            frames.append(frame)
+                        # Only as far as the pipe goes now (no wait once there
+                        # is something to return), and only while the frames
+                        # are small enough for the batch to pay.
+                        if (len(frames) >= max_messages or pq_fionread(self._rfd) < HDR
+                                or ((pq_load(self._shm + O_RD_BASE) - base0) & (BASE_PARITY - 1))
+                                >= BATCH_BYTES):
+                            break
+                finally:
+                    taken = pq_load(self._shm + O_GETS) - before
+                    self._unlock(O_RLOCK)
+                    if taken and self.maxsize > 0:
+                        self._wake_producers(taken)
+            except BaseException as exc:
+                if frames:
+                    # Interrupted (a signal handler raised) with frames taken:
+                    # they go with the exception, not lost.
+                    attach_messages(exc, _unpickle_all(frames, False), len(frames))
+                raise
+            if frames:
+                return _unpickle_all(frames, True)
+            if not self._wait_fd(self._rfd, POLLIN, deadline):
+                raise queue.Empty
+
     cdef void _wake_producers(self, uint64_t taken) noexcept:
         # One byte per frame taken, while producers wait for room: each byte
         # wakes one of them.  Stray bytes only cause a spurious re-check.
@@ -1185,18 +1453,38 @@ cdef class Channel:
         """Holding the read lock: a frame begun is never to be delivered."""
         pq_store(self._shm + O_LOST, pq_load(self._shm + O_LOST) + 1)
 
-    cdef void _frame_done(self) noexcept:
+    cdef void _frame_done(self, uint64_t count=1) noexcept:
         cdef uint8_t *shm = self._shm
         # RD_BASE first: a reader killed before GETS counts the frame leaves
-        # the parity bit to say that the frame is over (see _read_frame).
+        # the parity bit to say that the frame is over (see _read_frame), and
+        # RD_CNT how many frames GETS still owes.
+        pq_store(shm + O_RD_CNT, count)
         pq_store(shm + O_RD_BASE, _next_base(pq_load(shm + O_RD_BASE), pq_load(shm + O_RD_POS)))
         pq_store(shm + O_RD_TRY, 0)
         pq_store(shm + O_RD_POS, 0)
-        pq_store(shm + O_GETS, pq_load(shm + O_GETS) + 1)
+        pq_store(shm + O_GETS, pq_load(shm + O_GETS) + count)
 
-    cdef object _read_frame(self):
+    cdef uint64_t _read_step_end(self) noexcept:
+        """Holding the read lock: how many frames a reader stopped at RD_POS
+        has read all of: 1 at the end of the frame in RD_HDR, the group's
+        count at the end of a group that frame leads; 0 if inside a frame."""
+        cdef const uint8_t *h = self._shm + O_RD_HDR
+        cdef uint64_t pos = pq_load(self._shm + O_RD_POS)
+        cdef uint64_t length = _get_u64(h + 8), end
+        cdef uint32_t nbuf = _get_u32(h + 4)
+        if pos < HDR or not _header_ok(h):
+            return 0
+        end = HDR + length + _nchunks(length)
+        if pos == end:
+            return 1
+        if (h[3] & FLAG_GROUP) and pos == end + (nbuf & GROUP_BYTES):
+            return (nbuf >> GROUP_SHIFT) + 1
+        return 0
+
+    cdef object _read_frame(self, Py_ssize_t room):
         """Holding the read lock: None if the pipe is empty, False for a torn
-        frame, else (data, buffers or None)."""
+        frame, else (data, buffers or None); or, when the frame leads a
+        group that fits in room frames, the list of the group's frames."""
         cdef uint8_t *shm = self._shm
         cdef ssize_t n
         cdef int err
@@ -1204,7 +1492,7 @@ cdef class Channel:
             # A reader was killed in _frame_done: the frame is over, count it.
             pq_store(shm + O_RD_TRY, 0)
             pq_store(shm + O_RD_POS, 0)
-            pq_store(shm + O_GETS, pq_load(shm + O_GETS) + 1)
+            pq_store(shm + O_GETS, pq_load(shm + O_GETS) + pq_load(shm + O_RD_CNT))
         if pq_load(shm + O_RD_TRY) > pq_load(shm + O_RD_POS):
             self._settle_read()
         # The rest of a frame that a reader before us began and never
@@ -1232,7 +1520,7 @@ cdef class Channel:
         if n < HDR and not self._finish_header():
             self._frame_done()
             return False
-        return self._read_body()
+        return self._read_body(room)
 
     cdef int _finish_header(self) except -1:
         """Read the rest of a partial header and check it.  0 if its writer
@@ -1250,11 +1538,7 @@ cdef class Channel:
     cdef uint64_t _header_length(self) except? 0xFFFFFFFFFFFFFFFF:
         cdef const uint8_t *h = self._shm + O_RD_HDR
         cdef uint64_t length = _get_u64(h + 8)
-        cdef uint32_t nbuf = _get_u32(h + 4)
-        if (h[0] != 0x70 or h[1] != 0x71 or h[2] != VERSION
-                or (h[3] & ~KNOWN_FLAGS) or length > MAX_BODY
-                or (nbuf != 0) != ((h[3] & FLAG_OOB) != 0)
-                or (<uint64_t>nbuf) * 8 > length):
+        if not _header_ok(h):
             pq_store(self._shm + O_RD_POS, 0)
             pq_store(self._shm + O_RD_TRY, 0)
             raise StreamError(
@@ -1262,11 +1546,15 @@ cdef class Channel:
                 "something other than pipeq wrote into the queue's pipe")
         return length
 
-    cdef object _read_body(self):
+    cdef object _read_body(self, Py_ssize_t room):
         cdef uint8_t *shm = self._shm
         cdef uint64_t length = self._header_length()
         cdef uint8_t flags = shm[O_RD_HDR + 3]
         cdef uint32_t nbuf = _get_u32(shm + O_RD_HDR + 4)
+        if flags & FLAG_GROUP:
+            if <Py_ssize_t>(nbuf >> GROUP_SHIFT) < room:
+                return self._read_group(length, flags, nbuf)
+            nbuf = 0  # read the lead alone: the rest are frames of their own
         cdef uint8_t *table = NULL
         cdef uint64_t rest = length, blen
         cdef uint32_t i
@@ -1306,6 +1594,52 @@ cdef class Channel:
         if flags & FLAG_RAW:
             return data, None
         return data, (buffers if buffers is not None else ())
+
+    cdef list _read_group(self, uint64_t length, uint8_t flags, uint32_t nbuf):
+        """Holding the read lock, a group's lead header read: read the lead's
+        body and COMMIT marker and every frame that follows it in the group,
+        by one read (one write put them all in the pipe), and count them."""
+        cdef uint64_t frames = nbuf >> GROUP_SHIFT, size = nbuf & GROUP_BYTES
+        cdef uint64_t off = 0, blen, k
+        cdef uint8_t marker = 0
+        cdef const uint8_t *p
+        cdef const uint8_t *h
+        cdef iovec iov[3]
+        data = PyBytes_FromStringAndSize(NULL, length)
+        rest = PyBytes_FromStringAndSize(NULL, size)
+        iov[0].iov_base = PyBytes_AS_STRING(data)
+        iov[0].iov_len = length
+        iov[1].iov_base = &marker
+        iov[1].iov_len = 1
+        iov[2].iov_base = PyBytes_AS_STRING(rest)
+        iov[2].iov_len = size
+        if not self._read_iov(iov, 3):
+            return self._bad_group("it was cut short")
+        if marker != MARK_COMMIT:
+            return self._bad_group(f"its lead ends with {marker:#04x}")
+        cdef list out = [(data, None if flags & FLAG_RAW else ())]
+        p = <const uint8_t *>PyBytes_AS_STRING(rest)
+        for k in range(frames):
+            h = p + off
+            if size - off < HDR + 1 or not _header_ok(h) or (h[3] & ~FLAG_RAW) or _get_u32(h + 4):
+                return self._bad_group(f"frame {k + 1} has a bad header")
+            blen = _get_u64(h + 8)
+            if blen > size - off - HDR - 1 or h[HDR + blen] != MARK_COMMIT:
+                return self._bad_group(f"frame {k + 1} overruns it")
+            out.append((PyBytes_FromStringAndSize(<const char *>h + HDR, blen),
+                        None if h[3] & FLAG_RAW else ()))
+            off += HDR + blen + 1
+        if off != size:
+            return self._bad_group("its frames do not fill it")
+        self._frame_done(frames + 1)
+        return out
+
+    cdef list _bad_group(self, str why):
+        # The group's bytes are out of the pipe: count its frames as lost.
+        cdef uint64_t n = (_get_u32(self._shm + O_RD_HDR + 4) >> GROUP_SHIFT) + 1
+        pq_store(self._shm + O_LOST, pq_load(self._shm + O_LOST) + n)
+        self._frame_done(n)
+        raise StreamError(f"pipeq: a group of {n} frames is not valid: {why}")
 
     cdef object _torn_or_bad(self, int r):
         if r == SPAN_TORN:
@@ -1362,6 +1696,13 @@ cdef class Channel:
         """Drop the rest of a frame that another reader began."""
         cdef uint64_t length, left, n
         cdef int r = SPAN_MORE
+        n = self._read_step_end()
+        if n > 1:
+            # A reader took the rest of a group with its lead by one read and
+            # was killed before counting them: all are lost.
+            pq_store(self._shm + O_LOST, pq_load(self._shm + O_LOST) + n)
+            self._frame_done(n)
+            return 0
         self._frame_lost()
         if not self._finish_header():
             self._frame_done()
@@ -1503,6 +1844,24 @@ cdef class Channel:
             return 1
         finally:
             self._unlock(O_WLOCK)
+
+
+cdef list _unpickle_all(list frames, bint strict):
+    """The messages of frames, in order.  Strict: if any cannot be
+    unpickled, raise the first such error, the others attached to it
+    (attach_messages); else skip those."""
+    cdef list out = []
+    first = None
+    for data, buffers in frames:
+        try:
+            out.append(data if buffers is None else _loads(data, buffers=buffers))
+        except BaseException as exc:
+            if first is None:
+                first = exc
+    if first is not None and strict:
+        attach_messages(first, out, len(frames))
+        raise first
+    return out
 
 
 cdef int _advance(iovec *iov, int niov, int i, ssize_t n) noexcept:

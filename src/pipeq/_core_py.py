@@ -15,23 +15,35 @@ import struct
 import sys
 import termios
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from io import BytesIO
 from multiprocessing.reduction import DupFd, ForkingPickler
 from pickle import PickleBuffer, loads
 from typing import Any, Literal, NoReturn, Protocol
 
 from pipeq import _shm
-from pipeq._errors import STALL_WARNING_S, StreamError, raise_errno, stall_ns, warn_stalled
+from pipeq._errors import (
+    STALL_WARNING_S,
+    BatchFull,
+    StreamError,
+    attach_messages,
+    raise_errno,
+    stall_ns,
+    warn_stalled,
+)
 
 # The wire format and the shared page are _shm's; what follows is how this
 # process drives them, and mirrors _core_c.pyx name for name.
 HDR = _shm.HDR
 CHUNK = _shm.CHUNK
-KNOWN_FLAGS = _shm.FLAG_OOB | _shm.FLAG_RAW
 PIPE_BUF = select.PIPE_BUF
 IOV_CAP = 1024  # buffers per readv/writev call; IOV_MAX is 1024 on Linux and macOS
 SCRATCH = 65536
+# get_many() stops once it has read this many bytes: past it, a batch saves
+# nothing worth having, and holding many large fresh buffers at once costs
+# page faults.
+BATCH_BYTES = 65536
+_MASK = _shm.BASE_PARITY - 1
 U64 = (1 << 64) - 1
 
 # Lock waits are sliced so that signal handlers run while a lock is awaited.
@@ -284,6 +296,29 @@ def _frame_iov(hdr: bytes, segs: list[memoryview]) -> list[memoryview]:
     return iov
 
 
+def _encode(obj: object) -> tuple[bytes, list[memoryview], int]:
+    """obj as a frame: (header, the frame's buffers, its wire size)."""
+    flags = nbuf = 0
+    if type(obj) is bytes:
+        flags = _shm.FLAG_RAW
+        segs = [memoryview(obj)]
+    else:
+        sink = BytesIO()
+        collector = _OOBCollector()
+        # ForkingPickler(file, protocol, fix_imports, buffer_callback)
+        ForkingPickler(sink, 5, True, collector).dump(obj)
+        segs = [sink.getbuffer()]
+        if collector.views:
+            # Body: u64 length table, pickle, out-of-band buffers.
+            flags = _shm.FLAG_OOB
+            nbuf = len(collector.views)
+            table = b"".join(v.nbytes.to_bytes(8, "little") for v in collector.views)
+            segs = [memoryview(table), segs[0], *collector.views]
+    length = sum(len(s) for s in segs)
+    hdr = _shm.HEADER.pack(_shm.MAGIC, _shm.VERSION, flags, nbuf, length)
+    return hdr, _frame_iov(hdr, segs), _shm.wire_size(length)
+
+
 class _OOBCollector:
     """pickle buffer_callback: large contiguous buffers go out of band."""
 
@@ -324,6 +359,7 @@ class Channel:
         "_capacity", "_closed", "_mm", "_page", "_wlock", "_rlock", "_tlock", "_puts",
         "_gets", "_wr_pos", "_wr_end", "_wr_try", "_waiters", "_rd_pos", "_rd_hdr",
         "_marker", "_lost", "_done", "_joiners", "_stall_ns", "_wr_base", "_rd_try", "_rd_base",
+        "_wr_cnt", "_rd_cnt",
     )  # fmt: skip
 
     def __init__(self, maxsize: int = 0, joinable: bool = False) -> None:
@@ -360,6 +396,8 @@ class Channel:
         self._lost = ctypes.c_uint64.from_buffer(self._mm, _shm.O_LOST)
         self._done = ctypes.c_uint64.from_buffer(self._mm, _shm.O_DONE)
         self._joiners = ctypes.c_uint64.from_buffer(self._mm, _shm.O_JOINERS)
+        self._wr_cnt = ctypes.c_uint64.from_buffer(self._mm, _shm.O_WR_CNT)
+        self._rd_cnt = ctypes.c_uint64.from_buffer(self._mm, _shm.O_RD_CNT)
         self._rd_hdr = self._page[_shm.O_RD_HDR : _shm.O_RD_HDR + HDR]
         self._marker = bytearray(1)  # used only under the read lock
         if fresh:
@@ -479,26 +517,29 @@ class Channel:
         before the frame could be written whole."""
         self._check()
         deadline = _deadline(timeout)
-        flags = nbuf = 0
         # Pickle before taking any lock: a failure leaves the queue untouched.
-        if type(obj) is bytes:
-            flags = _shm.FLAG_RAW
-            segs = [memoryview(obj)]
-        else:
-            sink = BytesIO()
-            collector = _OOBCollector()
-            # ForkingPickler(file, protocol, fix_imports, buffer_callback)
-            ForkingPickler(sink, 5, True, collector).dump(obj)
-            segs = [sink.getbuffer()]
-            if collector.views:
-                # Body: u64 length table, pickle, out-of-band buffers.
-                flags = _shm.FLAG_OOB
-                nbuf = len(collector.views)
-                table = b"".join(v.nbytes.to_bytes(8, "little") for v in collector.views)
-                segs = [memoryview(table), segs[0], *collector.views]
-        length = sum(len(s) for s in segs)
-        hdr = _shm.HEADER.pack(_shm.MAGIC, _shm.VERSION, flags, nbuf, length)
-        self._put_frame(hdr, _frame_iov(hdr, segs), _shm.wire_size(length), deadline)
+        self._put_frame(*_encode(obj), deadline)
+
+    def put_many(self, objs: Iterable[object], timeout: float | None = None) -> None:
+        """Write every object of objs, in order, each as its own frame.  All
+        are pickled before the first is written, so a pickling error leaves
+        the queue untouched.  Raises BatchFull (a queue.Full) when the
+        deadline passes first, saying how many went in.  (The compiled core
+        sends runs of small frames by one write; this one writes each.)"""
+        self._check()
+        deadline = _deadline(timeout)
+        frames = [_encode(obj) for obj in objs]
+        done = 0
+        try:
+            for frame in frames:
+                self._put_frame(*frame, deadline)
+                done += 1
+        except queue.Full:
+            raise BatchFull(done, len(frames)) from None
+        except BaseException as exc:
+            if done and hasattr(exc, "add_note"):
+                exc.add_note(f"pipeq: put_many() had put {done} of {len(frames)} items, in order")
+            raise
 
     def _put_frame(self, hdr: bytes, iov: list[memoryview], total: int, deadline: int) -> None:
         # A frame that fits in the pipe is begun only once it fits whole, so a
@@ -558,7 +599,7 @@ class Channel:
             if not _parity(self._wr_base.value, self._puts.value):
                 # Its writer was killed after recording the frame and before
                 # counting it: its header may be in the pipe, so it counts.
-                self._puts.value += 1
+                self._puts.value += self._wr_cnt.value
             r = self._pay_debt(deadline)
             if r == DEBT_TIMEOUT:
                 raise queue.Full
@@ -577,6 +618,7 @@ class Channel:
         self._page[_shm.O_WR_HDR : _shm.O_WR_HDR + HDR] = hdr
         self._wr_pos.value = 0
         self._wr_try.value = 0
+        self._wr_cnt.value = 1
         self._wr_end.value = total
         self._puts.value += 1
         r = self._write_iov(iov, deadline, True)
@@ -676,7 +718,7 @@ class Channel:
             if not ok and frame and wr_pos.value == 0 and wr_try.value == 0:
                 # Nothing of this frame reached the pipe: it never existed.
                 self._wr_end.value = 0
-                self._puts.value -= 1
+                self._puts.value -= self._wr_cnt.value
 
     def _pay_debt(self, deadline: int) -> int:
         """End a frame that an earlier writer left unfinished: fill up the
@@ -711,6 +753,7 @@ class Channel:
         is read and no reader is busy, the readers' own count tells it.
         True when WR_POS is exact (or the frame is settled), False if not yet."""
         wpos, wtry, end = self._wr_pos.value, self._wr_try.value, self._wr_end.value
+        cnt = self._wr_cnt.value
         if wtry <= wpos:
             return True
         st = _trylock(self._rlock)
@@ -722,12 +765,23 @@ class Channel:
             rpos = self._rd_pos.value
             if self._rd_try.value > rpos or not _parity(self._rd_base.value, self._gets.value):
                 return False  # a reader was killed too: the next get() settles it first
+            if rpos and cnt > 1:
+                # A group of frames (a compiled core's put_many) goes into the
+                # pipe whole or not at all, so a reader inside a frame with the
+                # pipe empty has read all of it and was killed before counting
+                # it: count it here.
+                n = self._read_step_end()
+                if not n:
+                    return False
+                self._lost.value += n
+                self._frame_done(n)
+                rpos = 0
             pending = self._puts.value - self._gets.value
             if rpos:
                 pos = rpos  # a reader is inside this frame, and read all of it
             elif pending == 0:
                 pos = end  # the frame went out whole and was read
-            elif pending == 1 and wpos == 0:
+            elif pending == cnt and wpos == 0:
                 pos = 0  # not one byte of it reached the pipe
             else:
                 return False
@@ -737,7 +791,7 @@ class Channel:
             if pos == 0:
                 # The frame never existed.
                 self._wr_end.value = 0
-                self._puts.value -= 1
+                self._puts.value -= cnt
             return True
         finally:
             _unlock(self._rlock)
@@ -889,6 +943,64 @@ class Channel:
                 return data
             return loads(data, buffers=buffers)
 
+    def get_many(self, max_messages: int, timeout: float | None = None) -> list[Any]:
+        """Read and unpickle up to max_messages frames, in order, under one
+        hold of the read lock: wait (as get() does) for the first, then take
+        those that follow while the pipe holds more.  Every frame read is
+        returned; none is kept back.  Raises queue.Empty when no frame starts
+        before the deadline."""
+        self._check()
+        max_messages = _ssize(max_messages)
+        if max_messages < 1:
+            raise ValueError(f"max_messages must be at least 1, not {max_messages}")
+        deadline = _deadline(timeout)
+        frames: list[_Frame] = []
+        while True:
+            st = _trylock(self._rlock)
+            if st != 0 and st != OWNER_DIED:
+                if st != errno.EBUSY:
+                    _raise_errno(st)
+                if not _wait_fd(self._rfd, select.POLLIN, deadline):
+                    raise queue.Empty
+                if self._lock(self._rlock, deadline) == TIMED_OUT:
+                    raise queue.Empty
+            before = self._gets.value
+            base0 = self._rd_base.value
+            try:
+                try:
+                    while True:
+                        frame = self._read_frame()
+                        if frame is None:
+                            break
+                        if frame is False:
+                            self._frame_lost()  # torn: its writer gave up
+                            continue
+                        frames.append(frame)
+                        # Only as far as the pipe goes now (no wait once there
+                        # is something to return), and only while the frames
+                        # are small enough for the batch to pay.
+                        if (
+                            len(frames) >= max_messages
+                            or _fionread(self._rfd) < HDR
+                            or (self._rd_base.value - base0) & _MASK >= BATCH_BYTES
+                        ):
+                            break
+                finally:
+                    taken = (self._gets.value - before) & _U64
+                    _unlock(self._rlock)
+                    if taken and self._maxsize > 0:
+                        self._wake_producers(taken)
+            except BaseException as exc:
+                if frames:
+                    # Interrupted (a signal handler raised) with frames taken:
+                    # they go with the exception, not lost.
+                    attach_messages(exc, _unpickle_all(frames, False), len(frames))
+                raise
+            if frames:
+                return _unpickle_all(frames, True)
+            if not _wait_fd(self._rfd, select.POLLIN, deadline):
+                raise queue.Empty
+
     def _wake_producers(self, n: int) -> None:
         # One byte per frame taken, while producers wait for room: each byte
         # wakes one of them.  Stray bytes only cause a spurious re-check.
@@ -904,13 +1016,31 @@ class Channel:
         """Holding the read lock: a frame begun is never to be delivered."""
         self._lost.value += 1
 
-    def _frame_done(self) -> None:
+    def _frame_done(self, count: int = 1) -> None:
         # RD_BASE first: a reader killed before GETS counts the frame leaves
-        # the parity bit to say that the frame is over (see _read_frame).
+        # the parity bit to say that the frame is over (see _read_frame), and
+        # RD_CNT how many frames GETS still owes.
+        self._rd_cnt.value = count
         self._rd_base.value = _next_base(self._rd_base.value, self._rd_pos.value)
         self._rd_try.value = 0
         self._rd_pos.value = 0
-        self._gets.value += 1
+        self._gets.value += count
+
+    def _read_step_end(self) -> int:
+        """Holding the read lock: how many frames a reader stopped at RD_POS
+        has read all of: 1 at the end of the frame in RD_HDR, the group's
+        count at the end of a group that frame leads; 0 if inside a frame."""
+        pos = self._rd_pos.value
+        if pos < HDR:
+            return 0
+        magic, version, flags, nbuf, length = _shm.HEADER.unpack_from(self._page, _shm.O_RD_HDR)
+        if magic != _shm.MAGIC or version != _shm.VERSION or not _shm.header_ok(flags, nbuf, length):
+            return 0
+        end = _shm.wire_size(length)
+        frames, size = _shm.group_rest(flags, nbuf)
+        if pos == end:
+            return 1
+        return frames + 1 if frames and pos == end + size else 0
 
     def _read_frame(self) -> _Frame | Literal[False] | None:
         """Holding the read lock: None if the pipe is empty, False for a torn
@@ -919,7 +1049,7 @@ class Channel:
             # A reader was killed in _frame_done: the frame is over, count it.
             self._rd_try.value = 0
             self._rd_pos.value = 0
-            self._gets.value += 1
+            self._gets.value += self._rd_cnt.value
         if self._rd_try.value > self._rd_pos.value:
             self._settle_read()
         # The rest of a frame that a reader before us began and never
@@ -957,19 +1087,14 @@ class Channel:
     def _header(self) -> tuple[int, int, int]:
         """(flags, n_buffers, body length) of the header being read."""
         magic, version, flags, nbuf, length = _shm.HEADER.unpack_from(self._page, _shm.O_RD_HDR)
-        if (
-            magic != _shm.MAGIC
-            or version != _shm.VERSION
-            or flags & ~KNOWN_FLAGS
-            or length > _shm.MAX_BODY
-            or (nbuf != 0) != bool(flags & _shm.FLAG_OOB)
-            or nbuf * 8 > length
-        ):
+        if magic != _shm.MAGIC or version != _shm.VERSION or not _shm.header_ok(flags, nbuf, length):
             self._rd_pos.value = self._rd_try.value = 0
             raise StreamError(
                 f"pipeq: not a pipeq frame header: {bytes(self._rd_hdr)!r}; "
                 "something other than pipeq wrote into the queue's pipe"
             )
+        if flags & _shm.FLAG_GROUP:
+            nbuf = 0  # a group's size, not buffers: this core reads its frames one by one
         return flags, nbuf, length
 
     def _read_body(self) -> _Frame | Literal[False]:
@@ -1048,6 +1173,13 @@ class Channel:
 
     def _skip_frame(self) -> None:
         """Drop the rest of a frame that another reader began."""
+        n = self._read_step_end()
+        if n > 1:
+            # A compiled reader took the rest of a group with its lead by
+            # one read and was killed before counting them: all are lost.
+            self._lost.value += n
+            self._frame_done(n)
+            return
         self._frame_lost()
         if not self._finish_header():
             self._frame_done()
@@ -1159,6 +1291,24 @@ class Channel:
             return True
         finally:
             _unlock(self._wlock)
+
+
+def _unpickle_all(frames: list[_Frame], strict: bool) -> list[Any]:
+    """The messages of frames, in order.  Strict: if any cannot be
+    unpickled, raise the first such error, the others attached to it
+    (attach_messages); else skip those."""
+    out: list[Any] = []
+    first: BaseException | None = None
+    for data, buffers in frames:
+        try:
+            out.append(data if buffers is None else loads(data, buffers=buffers))
+        except BaseException as exc:
+            if first is None:
+                first = exc
+    if first is not None and strict:
+        attach_messages(first, out, len(frames))
+        raise first
+    return out
 
 
 def _ssize(v: object) -> int:

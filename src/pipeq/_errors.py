@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import sys
 import warnings
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 # How long put() waits for room in a full pipe before it warns, by default.
 STALL_WARNING_S = 10.0
@@ -19,6 +20,33 @@ class StreamError(ValueError):
     Raised by ``get()`` instead of unpickling noise or a huge allocation when
     something other than pipeq wrote into the pipe.
     """
+
+
+class BatchFull(queue.Full):
+    """``put_many()`` ran out of time (or, with ``block=False``, of room)
+    before every item was in: the first ``done`` of the ``total`` items are
+    in the queue, in order, and the rest are not.  A ``queue.Full``."""
+
+    def __init__(self, done: int, total: int) -> None:
+        super().__init__(f"put_many() put {done} of {total} items before the queue was full")
+        self.done = done
+        self.total = total
+
+    def __reduce__(self) -> tuple[type[BatchFull], tuple[int, int]]:
+        return type(self), (self.done, self.total)
+
+
+def attach_messages(exc: BaseException, messages: list[Any], read: int) -> None:
+    """get_many() raises exc after it had taken `read` messages out of the
+    pipe: hand the ones it could unpickle to the caller with the exception,
+    as ``exc.messages``, rather than lose them."""
+    exc.messages = messages  # type: ignore[attr-defined]
+    if hasattr(exc, "add_note"):  # 3.11+
+        exc.add_note(
+            f"pipeq: get_many() had taken {read} message(s) from the queue; "
+            f"the {len(messages)} that could be unpickled are in this exception's "
+            ".messages"
+        )
 
 
 class PipeFullWarning(RuntimeWarning):

@@ -18,6 +18,13 @@ HDR = HEADER.size
 MAGIC = b"pq"
 FLAG_OOB = 0x01  # body = u64 length table, pickle, then out-of-band buffers
 FLAG_RAW = 0x02  # body = a bytes object, sent without pickling
+# The frame leads a group: small frames that put_many() sent by one write, so
+# all of them are in the pipe once this header is.  n_buffers (no FLAG_OOB
+# here) = the number of frames that follow it in the group << 16 | their wire
+# bytes, so that get_many() can take the rest of the group by one read.
+FLAG_GROUP = 0x04
+GROUP_SHIFT = 16
+GROUP_BYTES = (1 << GROUP_SHIFT) - 1
 CHUNK = 1 << 20
 MARK_CONT = 0xA7
 MARK_COMMIT = 0xC3
@@ -33,6 +40,31 @@ def chunks(length: int) -> int:
 
 def wire_size(length: int) -> int:
     return HDR + length + chunks(length)
+
+
+def group_rest(flags: int, nbuf: int) -> tuple[int, int]:
+    """(frames, wire bytes) that follow a frame in its group; (0, 0) if none."""
+    if not flags & FLAG_GROUP:
+        return 0, 0
+    return nbuf >> GROUP_SHIFT, nbuf & GROUP_BYTES
+
+
+def header_ok(flags: int, nbuf: int, length: int) -> bool:
+    """Whether a header's fields (its magic and version aside) make sense."""
+    if flags & ~(FLAG_OOB | FLAG_RAW | FLAG_GROUP) or length > MAX_BODY:
+        return False
+    if flags & FLAG_GROUP:
+        # Only small frames form groups; an odd number of frames in all, and
+        # every frame that follows is at least a header and a marker.
+        frames, size = group_rest(flags, nbuf)
+        return (
+            not flags & FLAG_OOB
+            and frames >= 2
+            and frames % 2 == 0
+            and size >= frames * (HDR + 1)
+            and length < CHUNK
+        )
+    return (nbuf != 0) == bool(flags & FLAG_OOB) and nbuf * 8 <= length
 
 
 # The shared page.  Writer fields share one cache line, reader fields another;
@@ -69,10 +101,20 @@ O_RD_HDR = 152  # 16 bytes, the header being read
 # it larger; the next reader finds the true position from the byte counts.
 O_RD_TRY = 168
 O_RD_BASE = 176  # u64: the stream offset of the frame being read; see WR_BASE
+# u64: how many frames the reader now counting one off counts: 1, or a
+# group's frames when get_many() took the rest of a group with its lead (see
+# FLAG_GROUP).  Stored just before RD_BASE moves, so that a reader killed
+# between RD_BASE and GETS leaves what GETS still owes.
+O_RD_CNT = 184
 BASE_PARITY = 1 << 63
 # JoinableQueue: unfinished tasks = PUTS - LOST - DONE.
 O_DONE = 192  # u64, task_done() calls; under the task lock
 O_JOINERS = 200  # u64, processes waiting in join(); under the task lock
+# u64: how many frames the write in WR_* carries: 1, or (put_many) an odd
+# number of small frames sent by one write of at most PIPE_BUF bytes, which
+# the pipe takes whole or not at all.  PUTS counts them all in one store;
+# the count is odd so that WR_BASE's parity bit still tells whether it did.
+O_WR_CNT = 208
 O_WLOCK = 256
 O_RLOCK = 384
 O_TLOCK = 512

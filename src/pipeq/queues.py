@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 import select
+from collections.abc import Iterable
 from multiprocessing.context import BaseContext, assert_spawning
 from queue import Empty, Full
 from typing import Generic, TypeVar
@@ -14,6 +15,9 @@ from pipeq._errors import STALL_WARNING_S
 __all__ = ["Empty", "Full", "JoinableQueue", "Queue", "SimpleQueue"]
 
 T = TypeVar("T")
+
+# get_many() without max_messages: faster-fifo's default, 1e9.
+_NO_LIMIT = 1_000_000_000
 
 
 class PipeEnd:
@@ -188,6 +192,64 @@ class Queue(_Ends, Generic[T]):
     def get_nowait(self) -> T:
         """Equivalent to ``get(False)``."""
         return self.get(False)
+
+    # -- batches (not in multiprocessing; the names are faster-fifo's)
+
+    def put_many(self, items: Iterable[T], block: bool = True, timeout: float | None = None) -> None:
+        """Put every item of ``items``, in order, each as its own message.
+
+        All are pickled first, so a pickling error is raised before any is
+        put.  Small messages go into the pipe together, many per write, which
+        is where the speed of a batch comes from.  Blocks while the queue is
+        full, as ``put()`` does; when ``block`` is false or ``timeout``
+        passes first, raises :class:`pipeq.BatchFull` (a ``queue.Full``)
+        whose ``done`` says how many of the items went in: the first ones.
+        """
+        self._check_closed()
+        self._channel.put_many(items, timeout if block else 0)
+
+    def put_many_nowait(self, items: Iterable[T]) -> None:
+        """Equivalent to ``put_many(items, False)``."""
+        self.put_many(items, False)
+
+    def get_many(
+        self,
+        max_messages: int | None = None,
+        block: bool = True,
+        timeout: float | None = None,
+        *,
+        max_messages_to_get: int | None = None,
+    ) -> list[T]:
+        """Remove and return a list of 1 to ``max_messages`` items, in order.
+
+        Waits, as ``get()`` does, for the first item (``queue.Empty`` if none
+        arrives in time), then takes those already in the pipe behind it,
+        holding the read lock once for all of them.  Every message it reads
+        is returned: none is kept in a buffer of this process.  If one cannot
+        be unpickled, its error is raised with the others that could be on it,
+        as ``.messages``.  ``max_messages_to_get`` is faster-fifo's name for
+        ``max_messages``; the default is no limit.
+        """
+        self._check_closed()
+        if max_messages_to_get is not None:
+            if max_messages is not None:
+                raise TypeError("give max_messages or max_messages_to_get, not both")
+            max_messages = max_messages_to_get
+        if max_messages is None:
+            limit = _NO_LIMIT
+        elif isinstance(max_messages, bool):
+            raise TypeError(
+                "get_many()'s first argument is max_messages, an int, not a bool: "
+                "pass block= by keyword"
+            )
+        else:
+            limit = min(operator.index(max_messages), _NO_LIMIT)
+        items: list[T] = self._channel.get_many(limit, timeout if block else 0)
+        return items
+
+    def get_many_nowait(self, max_messages: int | None = None) -> list[T]:
+        """Equivalent to ``get_many(max_messages, False)``."""
+        return self.get_many(max_messages, False)
 
     def qsize(self) -> int:
         """Approximate number of items in the queue.
