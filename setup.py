@@ -14,9 +14,7 @@ def _flag(name):
 # Windows has no POSIX pipes or process-shared pthread mutexes: build no
 # extension there, and let `import pipeq` say why it cannot work.
 NO_EXTENSIONS = (
-    _flag("PIPEQ_NO_EXTENSIONS")
-    or sys.implementation.name != "cpython"
-    or sys.platform == "win32"
+    _flag("PIPEQ_NO_EXTENSIONS") or sys.implementation.name != "cpython" or sys.platform == "win32"
 )
 # Without a working C compiler the build goes on without the extension and
 # pipeq runs on its pure-Python core; wheel builds set this to fail instead.

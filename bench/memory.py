@@ -103,7 +103,8 @@ def main() -> int:
     ctx = multiprocessing.get_context(args.start_method)
     print(f"moving one {args.mib} MiB float64 numpy array, {args.start_method}")
     print(
-        f"{'queue':<10} {'producer +MiB':>14} {'x size':>7} {'consumer +MiB':>14} {'x size':>7} {'s':>6}"
+        f"{'queue':<10} {'producer +MiB':>14} {'x size':>7} "
+        f"{'consumer +MiB':>14} {'x size':>7} {'s':>6}"
     )
     for kind in ("pipeq", "mp.Queue"):
         r = measure(kind, nbytes, ctx)

@@ -801,11 +801,8 @@ cdef class Channel:
         _put_parts, its out-of-band buffers still in their objects."""
         cdef list frames = []
         cdef _Pickling pickling = None
-        cdef uint8_t flags
-        cdef uint32_t nbuf
         try:
             for obj in objs:
-                flags = 0
                 if type(obj) is bytes:
                     if HDR + len(<bytes>obj) + 1 <= PIPE_BUF:
                         frames.append(_small_frame(obj, FLAG_RAW))

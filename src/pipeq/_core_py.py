@@ -1033,9 +1033,10 @@ class Channel:
         pos = self._rd_pos.value
         if pos < HDR:
             return 0
-        magic, version, flags, nbuf, length = _shm.HEADER.unpack_from(self._page, _shm.O_RD_HDR)
-        if magic != _shm.MAGIC or version != _shm.VERSION or not _shm.header_ok(flags, nbuf, length):
+        fields = _shm.HEADER.unpack_from(self._page, _shm.O_RD_HDR)
+        if not _shm.header_ok(*fields):
             return 0
+        flags, nbuf, length = fields[2:]
         end = _shm.wire_size(length)
         frames, size = _shm.group_rest(flags, nbuf)
         if pos == end:
@@ -1086,8 +1087,9 @@ class Channel:
 
     def _header(self) -> tuple[int, int, int]:
         """(flags, n_buffers, body length) of the header being read."""
-        magic, version, flags, nbuf, length = _shm.HEADER.unpack_from(self._page, _shm.O_RD_HDR)
-        if magic != _shm.MAGIC or version != _shm.VERSION or not _shm.header_ok(flags, nbuf, length):
+        fields = _shm.HEADER.unpack_from(self._page, _shm.O_RD_HDR)
+        flags, nbuf, length = fields[2:]
+        if not _shm.header_ok(*fields):
             self._rd_pos.value = self._rd_try.value = 0
             raise StreamError(
                 f"pipeq: not a pipeq frame header: {bytes(self._rd_hdr)!r}; "

@@ -49,8 +49,10 @@ def group_rest(flags: int, nbuf: int) -> tuple[int, int]:
     return nbuf >> GROUP_SHIFT, nbuf & GROUP_BYTES
 
 
-def header_ok(flags: int, nbuf: int, length: int) -> bool:
-    """Whether a header's fields (its magic and version aside) make sense."""
+def header_ok(magic: bytes, version: int, flags: int, nbuf: int, length: int) -> bool:
+    """Whether a header's fields (HEADER.unpack's) make sense."""
+    if magic != MAGIC or version != VERSION:
+        return False
     if flags & ~(FLAG_OOB | FLAG_RAW | FLAG_GROUP) or length > MAX_BODY:
         return False
     if flags & FLAG_GROUP:

@@ -195,7 +195,9 @@ class Queue(_Ends, Generic[T]):
 
     # -- batches (not in multiprocessing; the names are faster-fifo's)
 
-    def put_many(self, items: Iterable[T], block: bool = True, timeout: float | None = None) -> None:
+    def put_many(
+        self, items: Iterable[T], block: bool = True, timeout: float | None = None
+    ) -> None:
         """Put every item of ``items``, in order, each as its own message.
 
         All are pickled first, so a pickling error is raised before any is
