@@ -24,42 +24,82 @@ def payload(producer: int, seq: int, size: int) -> bytes:
     return (producer * 1_000_003 + seq).to_bytes(8, "little") * (size // 8) + b"p" * (size % 8)
 
 
-def produce(q: Any, log_path: str, producer: int, sizes: list[int], timeouts: list[Any]) -> None:
+def _item(producer: int, seq: int, size: int) -> tuple[int, int, int, bytes, bytes]:
+    body = payload(producer, seq, size)
+    return (producer, seq, size, hashlib.sha256(body).digest(), body)
+
+
+def produce(
+    q: Any,
+    log_path: str,
+    producer: int,
+    sizes: list[int],
+    timeouts: list[Any],
+    batches: list[int],
+) -> None:
     """Put (producer, seq, size, sha256, payload) for each size, with the
-    given timeouts (None blocks; 0 is put_nowait).  Logs "try seq" before a
-    put and "ok seq" or "full seq" after it."""
+    given timeouts (None blocks; 0 is the _nowait call), one item at a time
+    or, for a batch of more than 1, by put_many().  Logs "try a b" before
+    the call that puts seqs a to b - 1, then "ok a b", or "full a b k" when
+    it raised queue.Full after k of them went in."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    for seq, (size, timeout) in enumerate(zip(sizes, timeouts, strict=True)):
-        body = payload(producer, seq, size)
-        item = (producer, seq, size, hashlib.sha256(body).digest(), body)
-        _log(fd, f"try {seq}")
+    seq = 0
+    for batch in batches:
+        end = min(seq + batch, len(sizes))
+        if end <= seq:
+            break
+        timeout = timeouts[seq]
+        _log(fd, f"try {seq} {end}")
         try:
-            if timeout == 0:
-                q.put_nowait(item)
+            if batch == 1:
+                item = _item(producer, seq, sizes[seq])
+                if timeout == 0:
+                    q.put_nowait(item)
+                else:
+                    q.put(item, timeout=CHILD_TIMEOUT if timeout is None else timeout)
             else:
-                q.put(item, timeout=CHILD_TIMEOUT if timeout is None else timeout)
-        except queue.Full:
-            _log(fd, f"full {seq}")
+                items = [_item(producer, k, sizes[k]) for k in range(seq, end)]
+                if timeout == 0:
+                    q.put_many_nowait(items)
+                else:
+                    q.put_many(items, timeout=CHILD_TIMEOUT if timeout is None else timeout)
+        except queue.Full as exc:
+            _log(fd, f"full {seq} {end} {getattr(exc, 'done', 0)}")
         else:
-            _log(fd, f"ok {seq}")
+            _log(fd, f"ok {seq} {end}")
+        seq = end
     os.close(fd)
 
 
+# The most items one get_many() of consume() asks for.
+MAX_BATCH = 50
+
+
 def consume(q: Any, log_path: str, stop_path: str, seed: int) -> None:
-    """Get items, with a mix of timeouts, until the queue is empty and the
-    stop file exists.  Logs "got producer seq good|BAD" for each item."""
+    """Get items, with a mix of timeouts, by get() or get_many() of up to
+    MAX_BATCH, until the queue is empty and the stop file exists.  Logs
+    "got producer seq good|BAD" for each item, every item of one call with
+    one write."""
     rng = random.Random(seed)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     while True:
         timeout = rng.choice([0, 0.001, 0.05, 0.2])
+        many = rng.choice([0, 0, 2, 7, MAX_BATCH])
         try:
-            item = q.get_nowait() if timeout == 0 else q.get(timeout=timeout)
+            if many:
+                items = (
+                    q.get_many_nowait(many) if timeout == 0 else q.get_many(many, timeout=timeout)
+                )
+            else:
+                items = [q.get_nowait() if timeout == 0 else q.get(timeout=timeout)]
         except queue.Empty:
             if os.path.exists(stop_path):
                 break
             continue
-        producer, seq, size, digest, body = item
-        good = len(body) == size and hashlib.sha256(body).digest() == digest
-        good = good and body == payload(producer, seq, size)
-        _log(fd, f"got {producer} {seq} {'good' if good else 'BAD'}")
+        lines = []
+        for producer, seq, size, digest, body in items:
+            good = len(body) == size and hashlib.sha256(body).digest() == digest
+            good = good and body == payload(producer, seq, size)
+            lines.append(f"got {producer} {seq} {'good' if good else 'BAD'}")
+        _log(fd, "\n".join(lines))
     os.close(fd)

@@ -1,9 +1,12 @@
 """A seeded random stress test: sizes, producers, consumers, timeouts and kills, mixed.
 
-Every message whose put() returned arrives exactly once, except one per
-consumer that was killed (the message it was reading, or had got and not
-yet logged); no message whose put() raised queue.Full ever arrives; nothing
-arrives torn; each consumer sees each producer's messages in order.
+Producers put one item at a time or by put_many(), consumers get by get()
+or get_many().  Every message whose put() returned (or that put_many() put:
+all of them, or the first BatchFull.done) arrives exactly once, except those
+in flight to a consumer that was killed (what one call of it was reading, or
+had got and not yet logged); no message whose put() raised queue.Full ever
+arrives; nothing arrives torn; each consumer sees each producer's messages
+in order.
 
 The seed is printed (and named in every failure).  The time budget is per
 start method: PIPEQ_STRESS_SECONDS (default 4); PIPEQ_STRESS_SEED replays
@@ -93,8 +96,12 @@ class Round:
             n = rng.randint(10, 120)
             sizes = _sizes(rng, n, self.q.pipe_capacity)
             timeouts = [rng.choice([None, None, 0, 0.001, 0.05, 1.0]) for _ in range(n)]
+            # One at a time, or by put_many() in runs of random length.
+            batches = [rng.choice([1, 1, 1, 3, 10, 40]) for _ in range(n)]
             log = self.dir / f"p{i}.log"
-            p = self.children.start(self.ctx, sw.produce, self.q, str(log), i, sizes, timeouts)
+            p = self.children.start(
+                self.ctx, sw.produce, self.q, str(log), i, sizes, timeouts, batches
+            )
             self.producers.append((p, log))
         for _ in range(rng.randint(1, 4)):
             self.start_consumer()
@@ -138,17 +145,20 @@ class Round:
         full: set[tuple[int, int]] = set()
         in_flight: set[tuple[int, int]] = set()
         for i, (_, log) in enumerate(self.producers):
-            tried = None
-            for word, seq in _read_log(log):
-                key = (i, int(seq))
+            tried: tuple[int, int] | None = None
+            for word, *args in _read_log(log):
+                a, b = int(args[0]), int(args[1])
                 if word == "try":
-                    tried = key
-                else:
-                    (ok if word == "ok" else full).add(key)
-                    tried = None
+                    tried = (a, b)
+                    continue
+                # put_many() that raised Full put the first `done` of its items.
+                done = b - a if word == "ok" else int(args[2])
+                ok.update((i, k) for k in range(a, a + done))
+                full.update((i, k) for k in range(a + done, b))
+                tried = None
             if tried is not None:
                 assert i in self.killed_producers, f"producer {i} left {tried} open; {where}"
-                in_flight.add(tried)
+                in_flight.update((i, k) for k in range(*tried))
         got: list[tuple[int, int]] = []
         for c, (_, log) in enumerate(self.consumers):
             last: dict[int, int] = {}
@@ -168,8 +178,10 @@ class Round:
         assert arrived <= ok | in_flight, (
             f"items never put arrived: {sorted(arrived - ok - in_flight)[:5]}; {where}"
         )
+        # A killed consumer loses what it was reading: one get()'s item, or
+        # one get_many()'s batch.
         missing = ok - arrived
-        assert len(missing) <= self.killed_consumers, (
+        assert len(missing) <= self.killed_consumers * sw.MAX_BATCH, (
             f"{len(missing)} items put and never delivered, e.g. {sorted(missing)[:5]}; {where}"
         )
 
