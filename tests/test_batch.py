@@ -8,7 +8,11 @@ calls would, only faster.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import queue
+import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -337,3 +341,43 @@ def test_many_producers_many_consumers(ctx: BaseContext, children: Children, bat
     finally:
         q.close()
         results.close()
+
+
+# -- interrupted with messages in hand
+
+
+def put_small_then_big(q: Any, size: int) -> None:
+    q.put_many(["first", "second"], timeout=CHILD_TIMEOUT)
+    q.put(b"b" * size, timeout=CHILD_TIMEOUT)  # larger than the pipe: streamed
+    q.put("after", timeout=CHILD_TIMEOUT)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_get_many_interrupted_hands_over_what_it_read(
+    q: pipeq.Queue[Any], children: Children
+) -> None:
+    """A signal handler that raises while get_many() waits inside a message
+    (its producer stopped mid-write) raises from get_many(), with the
+    messages it had already read as .messages; the one it was inside is
+    dropped, and the queue goes on."""
+    size = 3 * q.pipe_capacity
+    producer = children.start(multiprocessing.get_context("fork"), put_small_then_big, q, size)
+    try:
+        workers.wait_until(
+            lambda: pipe_bytes(q) >= q.pipe_capacity - 4096, "the producer filled the pipe"
+        )
+        os.kill(producer.pid, signal.SIGSTOP)
+        main = threading.get_ident()
+        timer = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT))
+        timer.start()
+        try:
+            with pytest.raises(KeyboardInterrupt) as info:
+                q.get_many(10, timeout=TIMEOUT)
+        finally:
+            timer.join(TIMEOUT)
+        assert info.value.messages == ["first", "second"]  # type: ignore[attr-defined]
+    finally:
+        os.kill(producer.pid, signal.SIGCONT)
+    assert q.get(timeout=TIMEOUT) == "after"
+    children.join_ok(producer)
+    assert q.qsize() == 0 and pipe_bytes(q) == 0
