@@ -358,20 +358,128 @@ cdef inline void _mark_group(uint8_t *hdr, uint32_t frames, uint32_t size) noexc
     hdr[7] = (nbuf >> 24) & 0xff
 
 
-cdef bytes _small_frame(object body, uint8_t flags):
-    """The wire bytes of a one-chunk frame whose body is the buffer body."""
-    cdef Py_buffer view
-    cdef uint8_t *p
-    PyObject_GetBuffer(body, &view, PyBUF_SIMPLE)
-    try:
-        frame = PyBytes_FromStringAndSize(NULL, HDR + view.len + 1)
-        p = <uint8_t *>PyBytes_AS_STRING(frame)
-        _fill_header(p, flags, 0, <uint64_t>view.len)
-        memcpy(p + HDR, view.buf, view.len)
-        p[HDR + view.len] = MARK_COMMIT
-    finally:
-        PyBuffer_Release(&view)
-    return frame
+cdef enum:
+    KIND_SMALL = 0  # one chunk, a small frame: may go out in a group
+    KIND_BIG = 1  # a frame of its own, by _put_parts
+
+
+cdef class _Batch:
+    """The frames of one put_many(), pickled before any is written: every
+    pickle back to back in one sink (one dump after another, no copies),
+    raw bytes in their own objects, and out-of-band buffers in theirs.
+    release() before the sink may be reused."""
+
+    cdef list items, views, parts
+    cdef Py_ssize_t n
+    cdef uint8_t *kind
+    cdef uint8_t *flags
+    cdef uint32_t *nbuf
+    cdef uint64_t *start
+    cdef uint64_t *length
+    cdef char **body
+    cdef uint8_t *hdrs
+    cdef _Pickling pickling
+    cdef object sink_view
+    cdef Py_buffer sink
+    cdef bint have_sink, sliced
+
+    def __cinit__(self, list items):
+        self.items = items
+        self.n = len(items)
+        self.views = []
+        self.parts = [None] * self.n
+        self.kind = <uint8_t *>PyMem_Malloc(self.n)
+        self.flags = <uint8_t *>PyMem_Malloc(self.n)
+        self.nbuf = <uint32_t *>PyMem_Malloc(self.n * sizeof(uint32_t))
+        self.start = <uint64_t *>PyMem_Malloc(self.n * sizeof(uint64_t))
+        self.length = <uint64_t *>PyMem_Malloc(self.n * sizeof(uint64_t))
+        self.body = <char **>PyMem_Malloc(self.n * sizeof(char *))
+        self.hdrs = <uint8_t *>PyMem_Malloc(self.n * HDR)
+        if (self.kind == NULL or self.flags == NULL or self.nbuf == NULL
+                or self.start == NULL or self.length == NULL or self.body == NULL
+                or self.hdrs == NULL):
+            raise MemoryError()
+
+    def __dealloc__(self):
+        self.release()
+        PyMem_Free(self.kind)
+        PyMem_Free(self.flags)
+        PyMem_Free(self.nbuf)
+        PyMem_Free(self.start)
+        PyMem_Free(self.length)
+        PyMem_Free(self.body)
+        PyMem_Free(self.hdrs)
+
+    cdef int encode(self) except -1:
+        cdef Py_ssize_t i, v0
+        cdef uint64_t pos = 0, end
+        cdef _Pickling pk = None
+        cdef _OOBCollector collector
+        cdef char *base
+        for i in range(self.n):
+            obj = self.items[i]
+            if type(obj) is bytes:
+                self.flags[i] = FLAG_RAW
+                self.nbuf[i] = 0
+                self.length[i] = len(<bytes>obj)
+                self.body[i] = PyBytes_AS_STRING(obj)
+                self.kind[i] = KIND_SMALL if HDR + self.length[i] + 1 <= PIPE_BUF else KIND_BIG
+                continue
+            if pk is None:
+                pk = self.pickling = _take_pickling()
+                pk.start_batch()
+                collector = pk.collector
+            v0 = len(collector.views)
+            pk.pickler.clear_memo()
+            pk.pickler.dump(obj)
+            end = pk.sink.tell()
+            self.start[i] = pos
+            self.length[i] = end - pos
+            pos = end
+            self.nbuf[i] = <uint32_t>(len(collector.views) - v0)
+            if self.nbuf[i]:
+                self.flags[i] = FLAG_OOB
+                self.kind[i] = KIND_BIG
+                self.parts[i] = collector.views[v0:]
+            else:
+                self.flags[i] = 0
+                self.kind[i] = KIND_SMALL if HDR + self.length[i] + 1 <= PIPE_BUF else KIND_BIG
+        if pk is not None:
+            self.sink_view = pk.sink.getbuffer()
+            PyObject_GetBuffer(self.sink_view, &self.sink, PyBUF_SIMPLE)
+            self.have_sink = True
+            base = <char *>self.sink.buf
+            for i in range(self.n):
+                if not self.flags[i] & FLAG_RAW:
+                    self.body[i] = base + self.start[i]
+        for i in range(self.n):
+            _fill_header(self.hdrs + i * HDR, self.flags[i], self.nbuf[i], self.length[i])
+        return 0
+
+    cdef list big_parts(self, Py_ssize_t i):
+        """Frame i's body as _put_parts takes it: [pickle or bytes, buffers...]."""
+        if self.flags[i] & FLAG_RAW:
+            return [self.items[i]]
+        data = self.sink_view[self.start[i]:self.start[i] + self.length[i]]
+        self.sliced = True
+        if self.flags[i] & FLAG_OOB:
+            return [data, *self.parts[i]]
+        return [data]
+
+    cdef void release(self) noexcept:
+        if self.have_sink:
+            self.have_sink = False
+            PyBuffer_Release(&self.sink)
+        self.sink_view = None
+        self.parts = None
+        if self.pickling is not None:
+            if self.sliced:
+                # A slice of the sink went to a write, and one that raised may
+                # keep it alive in a traceback: the next dump takes a new sink.
+                self.pickling.sink = None
+                self.pickling.pickler = None
+            self.pickling.done()
+            self.pickling = None
 
 
 cdef void _note_put_many(object exc, Py_ssize_t done, Py_ssize_t total):
@@ -445,15 +553,12 @@ cdef class _Pickling:
         self.pickler = Pickler(self.sink, 5, fix_imports=True, buffer_callback=self.collector)
         self.busy = False
 
-    cdef object dump(self, obj, bint same_call=False):
+    cdef object dump(self, obj):
         """The pickle (a memoryview of the sink) and the out-of-band views.
-        The caller drops both, then calls done() (or, between the items of
-        one put_many(), recycle()) before the next dump.  same_call: the
-        reducers are the ones the last dump of this call took."""
-        if not same_call:
-            table = copyreg.dispatch_table.copy()
-            table.update(ForkingPickler._extra_reducers)
-            self.pickler.dispatch_table = table
+        The caller drops both, then calls done(), before the next dump."""
+        table = copyreg.dispatch_table.copy()
+        table.update(ForkingPickler._extra_reducers)
+        self.pickler.dispatch_table = table
         self.pickler.clear_memo()
         self.collector.views = []
         self.sink.seek(0)
@@ -461,17 +566,18 @@ cdef class _Pickling:
         self.pickler.dump(obj)
         return self.sink.getbuffer(), self.collector.views
 
-    cdef void recycle(self) noexcept:
-        """Between the dumps of one put_many(): let go of a large sink."""
-        if self.sink.tell() > KEEP_SINK_MAX:
-            table = self.pickler.dispatch_table
-            self.sink = BytesIO()
-            self.pickler = Pickler(self.sink, 5, fix_imports=True,
-                                   buffer_callback=self.collector)
-            self.pickler.dispatch_table = table
+    cdef void start_batch(self) except *:
+        """Before the dumps of one put_many(), which go one after another
+        into the sink, with the reducers as they are now."""
+        table = copyreg.dispatch_table.copy()
+        table.update(ForkingPickler._extra_reducers)
+        self.pickler.dispatch_table = table
+        self.collector.views = []
+        self.sink.seek(0)
+        self.sink.truncate()
 
     cdef void done(self) noexcept:
-        if self.sink.tell() > KEEP_SINK_MAX:
+        if self.sink is not None and self.sink.tell() > KEEP_SINK_MAX:
             self.sink = None  # this one goes; the next dump uses a fresh one
             self.pickler = None
         self.collector.views = []
@@ -743,16 +849,26 @@ cdef class Channel:
         passes first, saying how many went in."""
         self._check()
         cdef int64_t deadline = _deadline(timeout)
-        cdef list frames = self._encode_many(objs)
-        cdef Py_ssize_t n = len(frames), i = 0, j, k, room
+        cdef list items = list(objs)
+        cdef Py_ssize_t n = len(items)
+        if n == 0:
+            return
+        cdef _Batch batch = _Batch(items)
+        try:
+            batch.encode()
+            self._put_batch(batch, deadline)
+        finally:
+            batch.release()
+
+    cdef int _put_batch(self, _Batch b, int64_t deadline) except -1:
+        cdef Py_ssize_t n = b.n, i = 0, j, k, room
         cdef uint64_t size, w
-        cdef iovec iov[GROUP_MAX]
-        cdef bytes small
+        cdef int niov
+        cdef iovec iov[3 * GROUP_MAX]
         try:
             while i < n:
-                item = frames[i]
-                if type(item) is not bytes:
-                    self._put_parts(item[0], item[1], item[2], deadline)
+                if b.kind[i] == KIND_BIG:
+                    self._put_parts(b.big_parts(i), b.flags[i], b.nbuf[i], deadline)
                     i += 1
                     continue
                 # A run of small frames: as many as fit in PIPE_BUF bytes and
@@ -762,31 +878,32 @@ cdef class Channel:
                     room = self.maxsize - self._count()
                 j = i
                 size = 0
-                while j < n and j - i < room and j - i < GROUP_MAX and type(frames[j]) is bytes:
-                    w = len(<bytes>frames[j])
+                while j < n and j - i < room and j - i < GROUP_MAX and b.kind[j] == KIND_SMALL:
+                    w = HDR + b.length[j] + 1
                     if size + w > <uint64_t>PIPE_BUF:
                         break
-                    iov[j - i].iov_base = PyBytes_AS_STRING(frames[j])
-                    iov[j - i].iov_len = w
                     size += w
                     j += 1
                 k = j - i
                 if k > 1 and k % 2 == 0:
                     k -= 1
-                    size -= iov[k].iov_len
-                small = <bytes>item
                 if k <= 1:
-                    # One frame, as put() writes it (waiting for a free slot).
-                    k = 1
-                    iov[0].iov_base = PyBytes_AS_STRING(small)
-                    iov[0].iov_len = len(small)
-                    size = iov[0].iov_len
+                    k = 1  # one frame, as put() writes it (waiting for a free slot)
+                size = 0
+                niov = 0
+                for j in range(i, i + k):
+                    iov[niov].iov_base = b.hdrs + j * HDR
+                    iov[niov].iov_len = HDR
+                    iov[niov + 1].iov_base = b.body[j]
+                    iov[niov + 1].iov_len = b.length[j]
+                    iov[niov + 2].iov_base = &MARK_COMMIT
+                    iov[niov + 2].iov_len = 1
+                    niov += 3
+                    size += HDR + b.length[j] + 1
                 # The lead's header says what follows it (see FLAG_GROUP).
-                # (The bytes are this call's own, not yet shared.)
-                _mark_group(<uint8_t *>PyBytes_AS_STRING(small), <uint32_t>(k - 1),
-                            <uint32_t>(size - iov[0].iov_len))
-                if self._put_frame(<uint8_t *>PyBytes_AS_STRING(small), iov, <int>k, size,
-                                   deadline, <uint64_t>k):
+                _mark_group(b.hdrs + i * HDR, <uint32_t>(k - 1),
+                            <uint32_t>(size - HDR - b.length[i] - 1))
+                if self._put_frame(b.hdrs + i * HDR, iov, niov, size, deadline, <uint64_t>k):
                     i += k
                 # else: the free slots went to another producer; look again.
         except queue.Full:
@@ -794,41 +911,7 @@ cdef class Channel:
         except BaseException as exc:
             _note_put_many(exc, i, n)
             raise
-
-    cdef list _encode_many(self, objs):
-        """Each object as a frame: a small one as the bytes it goes out as
-        (header, body, COMMIT); a larger one as (parts, flags, nbuf) for
-        _put_parts, its out-of-band buffers still in their objects."""
-        cdef list frames = []
-        cdef _Pickling pickling = None
-        try:
-            for obj in objs:
-                if type(obj) is bytes:
-                    if HDR + len(<bytes>obj) + 1 <= PIPE_BUF:
-                        frames.append(_small_frame(obj, FLAG_RAW))
-                    else:
-                        frames.append(([obj], FLAG_RAW, 0))
-                    continue
-                if pickling is None:
-                    pickling = _take_pickling()
-                    data, oob = pickling.dump(obj)
-                else:
-                    data, oob = pickling.dump(obj, True)
-                if oob:
-                    parts = [bytes(data)]
-                    parts.extend(oob)
-                    frames.append((parts, FLAG_OOB, len(oob)))
-                elif HDR + len(data) + 1 <= PIPE_BUF:
-                    frames.append(_small_frame(data, 0))
-                else:
-                    frames.append(([bytes(data)], 0, 0))
-                data = oob = parts = None
-                pickling.recycle()
-        finally:
-            if pickling is not None:
-                data = None
-                pickling.done()
-        return frames
+        return 0
 
     cdef int _put_parts(self, list parts, uint8_t flags, uint32_t nbuf,
                         int64_t deadline) except -1:
