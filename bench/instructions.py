@@ -39,11 +39,10 @@ CASES = [
     ("pipeq", "bytes100", "batch"),
 ]
 
-# Run in the measured interpreter: argv = queue payload how n.
+# Run in the measured interpreter: argv = queue payload how n batch.
 CHILD = r"""
 import sys
-name, payload, how, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-B = %(batch)d
+name, payload, how, n, B = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 if name == "pipeq":
     import pipeq
     q = pipeq.Queue()
@@ -67,7 +66,7 @@ for _ in range(n // B):
         for _ in range(B):
             q.get(timeout=10)
 q.close()
-""" % {"batch": BATCH}
+"""
 
 COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
 
@@ -83,6 +82,7 @@ def count(python: str, case: tuple[str, str, str], n: int) -> int:
         CHILD,
         *case,
         str(n),
+        str(BATCH),
     ]
     env = dict(os.environ, PYTHONHASHSEED="0")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True, timeout=1800)
