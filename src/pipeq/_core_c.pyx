@@ -364,122 +364,97 @@ cdef enum:
 
 
 cdef class _Batch:
-    """The frames of one put_many(), pickled before any is written: every
-    pickle back to back in one sink (one dump after another, no copies),
-    raw bytes in their own objects, and out-of-band buffers in theirs.
-    release() before the sink may be reused."""
+    """The frames of one put_many(), pickled before any is written: a small
+    frame's body is the one bytes object its pickle came as (or the bytes
+    item itself); a large one's are parts for _put_parts."""
 
-    cdef list items, views, parts
+    cdef list items, parts
     cdef Py_ssize_t n
     cdef uint8_t *kind
     cdef uint8_t *flags
     cdef uint32_t *nbuf
-    cdef uint64_t *start
+    cdef Py_ssize_t *npickle
     cdef uint64_t *length
     cdef char **body
     cdef uint8_t *hdrs
-    cdef _Pickling pickling
-    cdef object sink_view
-    cdef Py_buffer sink
-    cdef bint have_sink, sliced
 
     def __cinit__(self, list items):
         self.items = items
         self.n = len(items)
-        self.views = []
         self.parts = [None] * self.n
         self.kind = <uint8_t *>PyMem_Malloc(self.n)
         self.flags = <uint8_t *>PyMem_Malloc(self.n)
         self.nbuf = <uint32_t *>PyMem_Malloc(self.n * sizeof(uint32_t))
-        self.start = <uint64_t *>PyMem_Malloc(self.n * sizeof(uint64_t))
+        self.npickle = <Py_ssize_t *>PyMem_Malloc(self.n * sizeof(Py_ssize_t))
         self.length = <uint64_t *>PyMem_Malloc(self.n * sizeof(uint64_t))
         self.body = <char **>PyMem_Malloc(self.n * sizeof(char *))
         self.hdrs = <uint8_t *>PyMem_Malloc(self.n * HDR)
         if (self.kind == NULL or self.flags == NULL or self.nbuf == NULL
-                or self.start == NULL or self.length == NULL or self.body == NULL
+                or self.npickle == NULL or self.length == NULL or self.body == NULL
                 or self.hdrs == NULL):
             raise MemoryError()
 
     def __dealloc__(self):
-        self.release()
         PyMem_Free(self.kind)
         PyMem_Free(self.flags)
         PyMem_Free(self.nbuf)
-        PyMem_Free(self.start)
+        PyMem_Free(self.npickle)
         PyMem_Free(self.length)
         PyMem_Free(self.body)
         PyMem_Free(self.hdrs)
 
     cdef int encode(self) except -1:
-        cdef Py_ssize_t i, v0
-        cdef uint64_t pos = 0, end
+        cdef Py_ssize_t i
         cdef _Pickling pk = None
-        cdef _OOBCollector collector
-        cdef char *base
-        for i in range(self.n):
-            obj = self.items[i]
-            if type(obj) is bytes:
-                self.flags[i] = FLAG_RAW
-                self.nbuf[i] = 0
-                self.length[i] = len(<bytes>obj)
-                self.body[i] = PyBytes_AS_STRING(obj)
-                self.kind[i] = KIND_SMALL if HDR + self.length[i] + 1 <= PIPE_BUF else KIND_BIG
-                continue
-            if pk is None:
-                pk = self.pickling = _take_pickling()
-                pk.start_batch()
-                collector = pk.collector
-            v0 = len(collector.views)
-            pk.pickler.clear_memo()
-            pk.pickler.dump(obj)
-            end = pk.sink.tell()
-            self.start[i] = pos
-            self.length[i] = end - pos
-            pos = end
-            self.nbuf[i] = <uint32_t>(len(collector.views) - v0)
-            if self.nbuf[i]:
-                self.flags[i] = FLAG_OOB
-                self.kind[i] = KIND_BIG
-                self.parts[i] = collector.views[v0:]
-            else:
-                self.flags[i] = 0
-                self.kind[i] = KIND_SMALL if HDR + self.length[i] + 1 <= PIPE_BUF else KIND_BIG
-        if pk is not None:
-            self.sink_view = pk.sink.getbuffer()
-            PyObject_GetBuffer(self.sink_view, &self.sink, PyBUF_SIMPLE)
-            self.have_sink = True
-            base = <char *>self.sink.buf
+        cdef list chunks, oob
+        cdef uint64_t length
+        cdef Py_buffer view
+        try:
             for i in range(self.n):
-                if not self.flags[i] & FLAG_RAW:
-                    self.body[i] = base + self.start[i]
+                obj = self.items[i]
+                self.nbuf[i] = 0
+                self.npickle[i] = 1
+                if type(obj) is bytes:
+                    self.flags[i] = FLAG_RAW
+                    self.length[i] = len(<bytes>obj)
+                    self.body[i] = PyBytes_AS_STRING(obj)
+                    if HDR + self.length[i] + 1 <= PIPE_BUF:
+                        self.kind[i] = KIND_SMALL
+                    else:
+                        self.kind[i] = KIND_BIG
+                        self.parts[i] = [obj]
+                    continue
+                if pk is None:
+                    pk = _take_pickling()
+                chunks, oob = pk.dump(obj)
+                self.flags[i] = 0
+                first = chunks[0]
+                if (not oob and len(chunks) == 1 and type(first) is bytes
+                        and HDR + len(<bytes>first) + 1 <= PIPE_BUF):
+                    self.kind[i] = KIND_SMALL
+                    self.length[i] = len(<bytes>first)
+                    self.body[i] = PyBytes_AS_STRING(first)
+                    self.parts[i] = first  # kept alive with the batch
+                    continue
+                self.kind[i] = KIND_BIG
+                self.npickle[i] = len(chunks)
+                length = 0
+                for chunk in chunks:
+                    PyObject_GetBuffer(chunk, &view, PyBUF_SIMPLE)
+                    length += view.len
+                    PyBuffer_Release(&view)
+                if oob:
+                    self.flags[i] = FLAG_OOB
+                    self.nbuf[i] = len(oob)
+                    chunks.extend(oob)
+                self.length[i] = length
+                self.parts[i] = chunks
+        finally:
+            if pk is not None:
+                pk.done()
         for i in range(self.n):
             _fill_header(self.hdrs + i * HDR, self.flags[i], self.nbuf[i], self.length[i])
         return 0
-
-    cdef list big_parts(self, Py_ssize_t i):
-        """Frame i's body as _put_parts takes it: [pickle or bytes, buffers...]."""
-        if self.flags[i] & FLAG_RAW:
-            return [self.items[i]]
-        data = self.sink_view[self.start[i]:self.start[i] + self.length[i]]
-        self.sliced = True
-        if self.flags[i] & FLAG_OOB:
-            return [data, *self.parts[i]]
-        return [data]
-
-    cdef void release(self) noexcept:
-        if self.have_sink:
-            self.have_sink = False
-            PyBuffer_Release(&self.sink)
-        self.sink_view = None
-        self.parts = None
-        if self.pickling is not None:
-            if self.sliced:
-                # A slice of the sink went to a write, and one that raised may
-                # keep it alive in a traceback: the next dump takes a new sink.
-                self.pickling.sink = None
-                self.pickling.pickler = None
-            self.pickling.done()
-            self.pickling = None
 
 
 cdef void _note_put_many(object exc, Py_ssize_t done, Py_ssize_t total):
@@ -530,56 +505,67 @@ cdef class _OOBCollector:
 # page faults.
 cdef uint64_t BATCH_BYTES = 65536
 
-# A sink whose pickle grew past this is not kept for reuse: it would hold on
-# to that much memory.
-cdef Py_ssize_t KEEP_SINK_MAX = 1 << 20
+cdef class _Reducers:
+    """The dispatch table that a ForkingPickler builds when it is made:
+    ForkingPickler's registered reducers over copyreg's.  Looked up live
+    (the pickler asks only for types it has no code of its own for), so a
+    reducer registered at any time applies at once, with no copy per dump."""
+
+    def __getitem__(self, cls):
+        reduce = ForkingPickler._extra_reducers.get(cls)
+        if reduce is None:
+            return copyreg.dispatch_table[cls]  # KeyError: none
+        return reduce
+
+
+cdef _Reducers _REDUCERS = _Reducers()
+
+
+cdef class _Sink:
+    """The pickler's file: keeps what it is given, uncopied.  A small pickle
+    arrives by one write of a bytes object; a large one by several, a large
+    in-band buffer by a write of that buffer itself.  Together they are the
+    pickle, sent as they are."""
+
+    cdef list chunks
+
+    def __cinit__(self):
+        self.chunks = []
+
+    def write(self, data):
+        self.chunks.append(data)
 
 
 cdef class _Pickling:
     """One pickler, its sink and its buffer collector, reused across put()s.
 
     Building a ForkingPickler per message costs more than pickling a small
-    object.  This pickles the same way: protocol 5, and a dispatch table of
-    copyreg's reducers plus ForkingPickler's registered ones, rebuilt for
-    every dump so that a reducer registered at any time applies at once."""
+    object.  This pickles the same way: protocol 5, and ForkingPickler's
+    reducers (see _Reducers)."""
 
-    cdef object sink, pickler
+    cdef _Sink sink
+    cdef object pickler
     cdef _OOBCollector collector
     cdef bint busy
 
     def __cinit__(self):
-        self.sink = BytesIO()
+        self.sink = _Sink()
         self.collector = _OOBCollector()
         self.pickler = Pickler(self.sink, 5, fix_imports=True, buffer_callback=self.collector)
+        self.pickler.dispatch_table = _REDUCERS
         self.busy = False
 
-    cdef object dump(self, obj):
-        """The pickle (a memoryview of the sink) and the out-of-band views.
-        The caller drops both, then calls done(), before the next dump."""
-        table = copyreg.dispatch_table.copy()
-        table.update(ForkingPickler._extra_reducers)
-        self.pickler.dispatch_table = table
+    cdef tuple dump(self, obj):
+        """(the pickle's chunks, the out-of-band views), each a fresh list.
+        The caller calls done() before the next dump."""
+        self.sink.chunks = []
+        self.collector.views = []
         self.pickler.clear_memo()
-        self.collector.views = []
-        self.sink.seek(0)
-        self.sink.truncate()
         self.pickler.dump(obj)
-        return self.sink.getbuffer(), self.collector.views
-
-    cdef void start_batch(self) except *:
-        """Before the dumps of one put_many(), which go one after another
-        into the sink, with the reducers as they are now."""
-        table = copyreg.dispatch_table.copy()
-        table.update(ForkingPickler._extra_reducers)
-        self.pickler.dispatch_table = table
-        self.collector.views = []
-        self.sink.seek(0)
-        self.sink.truncate()
+        return self.sink.chunks, self.collector.views
 
     cdef void done(self) noexcept:
-        if self.sink is not None and self.sink.tell() > KEEP_SINK_MAX:
-            self.sink = None  # this one goes; the next dump uses a fresh one
-            self.pickler = None
+        self.sink.chunks = []
         self.collector.views = []
         self.busy = False
 
@@ -591,12 +577,8 @@ cdef _Pickling _pickling = _Pickling()
 
 
 cdef _Pickling _take_pickling():
-    global _pickling
-    if _pickling.busy or _pickling.pickler is None:
-        if not _pickling.busy:
-            _pickling = _Pickling()  # the last one let go of a large sink
-        else:
-            return _Pickling()
+    if _pickling.busy:
+        return _Pickling()
     _pickling.busy = True
     return _pickling
 
@@ -815,30 +797,22 @@ cdef class Channel:
         cdef int64_t deadline = _deadline(timeout)
         cdef uint8_t flags = 0
         cdef uint32_t nbuf = 0
+        cdef list parts, oob
         # Pickle before taking any lock: a failure leaves the queue untouched.
-        cdef _Pickling pickling = None
         if type(obj) is bytes:
-            flags = FLAG_RAW
-            parts = [obj]
-        else:
-            pickling = _take_pickling()
-            try:
-                data, oob = pickling.dump(obj)
-            except BaseException:
-                pickling.done()
-                raise
-            parts = [data]
-            if oob:
-                flags = FLAG_OOB
-                nbuf = len(oob)
-                parts.extend(oob)
-            data = oob = None
+            self._put_parts([obj], 1, FLAG_RAW, 0, deadline)
+            return
+        cdef _Pickling pickling = _take_pickling()
         try:
-            self._put_parts(parts, flags, nbuf, deadline)
+            parts, oob = pickling.dump(obj)
         finally:
-            if pickling is not None:
-                parts = None  # the last view of the sink: it may be reused now
-                pickling.done()
+            pickling.done()
+        cdef Py_ssize_t npickle = len(parts)
+        if oob:
+            flags = FLAG_OOB
+            nbuf = len(oob)
+            parts.extend(oob)
+        self._put_parts(parts, npickle, flags, nbuf, deadline)
 
     def put_many(self, objs, timeout=None):
         """Write every object of the iterable objs, in order, each as its own
@@ -854,11 +828,8 @@ cdef class Channel:
         if n == 0:
             return
         cdef _Batch batch = _Batch(items)
-        try:
-            batch.encode()
-            self._put_batch(batch, deadline)
-        finally:
-            batch.release()
+        batch.encode()
+        self._put_batch(batch, deadline)
 
     cdef int _put_batch(self, _Batch b, int64_t deadline) except -1:
         cdef Py_ssize_t n = b.n, i = 0, j, k, room
@@ -868,7 +839,7 @@ cdef class Channel:
         try:
             while i < n:
                 if b.kind[i] == KIND_BIG:
-                    self._put_parts(b.big_parts(i), b.flags[i], b.nbuf[i], deadline)
+                    self._put_parts(b.parts[i], b.npickle[i], b.flags[i], b.nbuf[i], deadline)
                     i += 1
                     continue
                 # A run of small frames: as many as fit in PIPE_BUF bytes and
@@ -913,9 +884,10 @@ cdef class Channel:
             raise
         return 0
 
-    cdef int _put_parts(self, list parts, uint8_t flags, uint32_t nbuf,
+    cdef int _put_parts(self, list parts, Py_ssize_t npickle, uint8_t flags, uint32_t nbuf,
                         int64_t deadline) except -1:
-        """Write one frame whose body is parts: [pickle or bytes, buffers...]."""
+        """Write one frame whose body is parts: the pickle's npickle chunks
+        (or the bytes), then its out-of-band buffers."""
         cdef uint8_t hdr[HDR]
         cdef Py_buffer *views = NULL
         cdef iovec *segs = NULL
@@ -944,7 +916,7 @@ cdef class Channel:
                 nviews += 1
                 nsegs += 1
             for i in range(nbuf):
-                _put_u64(table + 8 * i, <uint64_t>views[1 + i].len)
+                _put_u64(table + 8 * i, <uint64_t>views[npickle + i].len)
             for i in range(nsegs):
                 length += segs[i].iov_len
 
