@@ -16,7 +16,6 @@ from libc.string cimport memcpy, memset
 import copyreg
 import os
 import queue
-from io import BytesIO
 from multiprocessing.reduction import DupFd, ForkingPickler
 from pickle import Pickler
 from pickle import loads as _loads
