@@ -172,7 +172,8 @@ class Queue(_Ends, Generic[T]):
         holds ``maxsize`` items or the pipe is full; raises ``queue.Full``
         when ``block`` is false or ``timeout`` passes first.
         """
-        self._check_closed()
+        if self._closed:  # _check_closed(), inline on the hot path
+            self._check_closed()
         self._channel.put(obj, timeout if block else 0)
 
     def put_nowait(self, obj: T) -> None:
@@ -185,7 +186,8 @@ class Queue(_Ends, Generic[T]):
         Waits for data without holding any lock, so a consumer killed while
         waiting leaves the queue usable for the others.
         """
-        self._check_closed()
+        if self._closed:  # _check_closed(), inline on the hot path
+            self._check_closed()
         item: T = self._channel.get(timeout if block else 0)
         return item
 
