@@ -597,6 +597,10 @@ cdef class Channel:
     cdef uint8_t *_shm
     cdef bint _closed
     cdef int64_t _stall_ns  # a put waiting this long for pipe room warns; -1: never
+    # The last get() here left no frame counted in the queue: the next one
+    # most likely finds the pipe empty, so it waits for data before it tries
+    # a read (saving a read that would fail, in ping-pong traffic).
+    cdef bint _drained
 
     def __cinit__(self):
         self._rfd = self._wfd = self._shmfd = self._nrfd = self._nwfd = -1
@@ -1396,7 +1400,11 @@ cdef class Channel:
         self._check()
         cdef int64_t deadline = _deadline(timeout)
         cdef int st
+        cdef bint wait_first = self._drained
         while True:
+            if wait_first and not self._wait_fd(self._rfd, POLLIN, deadline):
+                raise queue.Empty
+            wait_first = False
             st = pq_mutex_trylock(self._shm + O_RLOCK)
             if st != 0 and st != PQ_OWNERDEAD:
                 if st != EBUSY:
@@ -1422,6 +1430,7 @@ cdef class Channel:
                 continue
             if frame is False:
                 continue  # a torn frame: its writer gave up, nothing to deliver
+            self._drained = self._count() <= 0
             data, buffers = frame
             if buffers is None:
                 return data
