@@ -24,6 +24,7 @@ import workers
 from workers import CHILD_TIMEOUT, TIMEOUT, FailsToPickle, FailsToUnpickle, make_payload, pipe_bytes
 
 import pipeq
+from pipeq import _core
 
 if TYPE_CHECKING:
     from conftest import Children
@@ -381,3 +382,49 @@ def test_get_many_interrupted_hands_over_what_it_read(
     assert q.get(timeout=TIMEOUT) == "after"
     children.join_ok(producer)
     assert q.qsize() == 0 and pipe_bytes(q) == 0
+
+
+class ArmsTimerOnUnpickle:
+    """Unpickles by arming a 1 us SIGALRM timer, from C (the result is the
+    timer's old setting): the signal arrives while get() or get_many() is
+    still at work, unpickling what follows (a long list)."""
+
+    def __reduce__(self) -> tuple[Any, tuple[int, float]]:
+        return signal.setitimer, (signal.ITIMER_REAL, 1e-6)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise Interrupt
+
+
+@pytest.mark.parametrize("call", ["get", "get_many"])
+def test_signal_due_during_the_call_keeps_its_messages(q: pipeq.Queue[Any], call: str) -> None:
+    """A signal handler that raises for a signal that arrived while get() or
+    get_many() was at work raises before the call returns, with what it had
+    read as .messages, rather than just after, where it would be lost.  (The
+    pure core's get() cannot: Python runs the handler as the call returns.)"""
+    if call == "get" and not _core.USING_EXTENSION:
+        pytest.skip("the pure core's get() runs handlers after its last bytecode")
+    long = list(range(200_000))
+    old = signal.signal(signal.SIGALRM, _raise_interrupt)
+    try:
+        if call == "get_many":
+            q.put_many(["a", ArmsTimerOnUnpickle(), "b", long])
+        else:
+            q.put((ArmsTimerOnUnpickle(), long))
+        with pytest.raises(Interrupt) as info:
+            q.get_many(timeout=TIMEOUT) if call == "get_many" else q.get(timeout=TIMEOUT)
+        got = info.value.messages  # type: ignore[attr-defined]
+        if call == "get_many":
+            # The timer's item is there too where the signal came due in C.
+            assert [m for m in got if not isinstance(m, tuple)] == ["a", "b", long]
+        else:
+            assert len(got) == 1 and got[0][1] == long
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert q.qsize() == 0

@@ -1432,9 +1432,9 @@ cdef class Channel:
                 continue  # a torn frame: its writer gave up, nothing to deliver
             self._drained = self._count() <= 0
             data, buffers = frame
-            if buffers is None:
-                return data
-            return _loads(data, buffers=buffers)
+            item = data if buffers is None else _loads(data, buffers=buffers)
+            _hand_over([item], 1)
+            return item
 
     def get_many(self, Py_ssize_t max_messages, timeout=None):
         """Read and unpickle up to max_messages frames, in order, under one
@@ -1493,7 +1493,9 @@ cdef class Channel:
                     attach_messages(exc, _unpickle_all(frames, False), len(frames))
                 raise
             if frames:
-                return _unpickle_all(frames, True)
+                out = _unpickle_all(frames, True)
+                _hand_over(out, len(frames))
+                return out
             if not self._wait_fd(self._rfd, POLLIN, deadline):
                 raise queue.Empty
 
@@ -1904,6 +1906,18 @@ cdef class Channel:
             return 1
         finally:
             self._unlock(O_WLOCK)
+
+
+cdef int _hand_over(list messages, Py_ssize_t read) except -1:
+    """Run the signal handlers that came due while this call worked, before
+    it returns: one that raises then raises here, with the messages, rather
+    than just after the return, in the caller, where they would be lost."""
+    try:
+        PyErr_CheckSignals()
+    except BaseException as exc:
+        attach_messages(exc, messages, read)
+        raise
+    return 0
 
 
 cdef list _unpickle_all(list frames, bint strict):

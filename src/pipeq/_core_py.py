@@ -178,6 +178,15 @@ def _unlock(m: int) -> None:
     _mutex_unlock(m)
 
 
+def _unlock_if_mine(m: int) -> None:
+    """Release m if this thread holds it.  For a lock call cut short by a
+    signal handler that raised just after the mutex was taken, before the
+    caller could know: a robust mutex (Linux) refuses an unlock by any other
+    thread (EPERM), so trying is safe.  Elsewhere nothing can tell."""
+    if ROBUST:
+        _mutex_unlock(m)
+
+
 # -- small helpers
 
 
@@ -914,24 +923,18 @@ class Channel:
         self._check()
         deadline = _deadline(timeout)
         while True:
-            st = _trylock(self._rlock)
-            if st != 0 and st != OWNER_DIED:
-                if st != errno.EBUSY:
-                    _raise_errno(st)
-                if not _wait_fd(self._rfd, select.POLLIN, deadline):
-                    raise queue.Empty
-                if self._lock(self._rlock, deadline) == TIMED_OUT:
-                    raise queue.Empty
-            before = self._gets.value
+            held = False
+            before = None
             try:
+                held = self._lock_reader(deadline)
+                if not held:
+                    raise queue.Empty
+                before = self._gets.value
                 frame = self._read_frame()
                 if frame is False:
                     self._frame_lost()
             finally:
-                taken = (self._gets.value - before) & _U64
-                _unlock(self._rlock)
-                if taken and self._maxsize > 0:
-                    self._wake_producers(taken)
+                self._unlock_reader(held, before)
             if frame is None:
                 if not _wait_fd(self._rfd, select.POLLIN, deadline):
                     raise queue.Empty
@@ -942,6 +945,33 @@ class Channel:
             if buffers is None:
                 return data
             return loads(data, buffers=buffers)
+
+    def _lock_reader(self, deadline: int) -> bool:
+        """Take the read lock for a get: True once held, False if the
+        deadline passed first.  Called inside the try whose finally calls
+        _unlock_reader, so that no moment is left where a signal handler
+        that raises leaves it held."""
+        st = _trylock(self._rlock)
+        if st != 0 and st != OWNER_DIED:
+            if st != errno.EBUSY:
+                _raise_errno(st)
+            if not _wait_fd(self._rfd, select.POLLIN, deadline):
+                return False
+            if self._lock(self._rlock, deadline) == TIMED_OUT:
+                return False
+        return True
+
+    def _unlock_reader(self, held: bool, before: int | None) -> None:
+        """The finally of a get: release the read lock (if held: if not, it
+        may yet be, see _unlock_if_mine) and wake producers for the frames
+        taken since GETS was `before`."""
+        if not held:
+            _unlock_if_mine(self._rlock)
+            return
+        taken = 0 if before is None else (self._gets.value - before) & _U64
+        _unlock(self._rlock)
+        if taken and self._maxsize > 0:
+            self._wake_producers(taken)
 
     def get_many(self, max_messages: int, timeout: float | None = None) -> list[Any]:
         """Read and unpickle up to max_messages frames, in order, under one
@@ -956,18 +986,15 @@ class Channel:
         deadline = _deadline(timeout)
         frames: list[_Frame] = []
         while True:
-            st = _trylock(self._rlock)
-            if st != 0 and st != OWNER_DIED:
-                if st != errno.EBUSY:
-                    _raise_errno(st)
-                if not _wait_fd(self._rfd, select.POLLIN, deadline):
-                    raise queue.Empty
-                if self._lock(self._rlock, deadline) == TIMED_OUT:
-                    raise queue.Empty
-            before = self._gets.value
-            base0 = self._rd_base.value
+            held = False
+            before = None
             try:
                 try:
+                    held = self._lock_reader(deadline)
+                    if not held:
+                        raise queue.Empty
+                    before = self._gets.value
+                    base0 = self._rd_base.value
                     while True:
                         frame = self._read_frame()
                         if frame is None:
@@ -986,10 +1013,7 @@ class Channel:
                         ):
                             break
                 finally:
-                    taken = (self._gets.value - before) & _U64
-                    _unlock(self._rlock)
-                    if taken and self._maxsize > 0:
-                        self._wake_producers(taken)
+                    self._unlock_reader(held, before)
             except BaseException as exc:
                 if frames:
                     # Interrupted (a signal handler raised) with frames taken:
