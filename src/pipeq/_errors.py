@@ -37,13 +37,13 @@ class BatchFull(queue.Full):
 
 
 def attach_messages(exc: BaseException, messages: list[Any], read: int) -> None:
-    """get_many() raises exc after it had taken `read` messages out of the
-    pipe: hand the ones it could unpickle to the caller with the exception,
-    as ``exc.messages``, rather than lose them."""
+    """A get() or get_many() raises exc after it had taken `read` messages
+    out of the pipe: hand the ones it could unpickle to the caller with the
+    exception, as ``exc.messages``, rather than lose them."""
     exc.messages = messages  # type: ignore[attr-defined]
     if hasattr(exc, "add_note"):  # 3.11+
         exc.add_note(
-            f"pipeq: get_many() had taken {read} message(s) from the queue; "
+            f"pipeq: this call had taken {read} message(s) from the queue; "
             f"the {len(messages)} that could be unpickled are in this exception's "
             ".messages"
         )
