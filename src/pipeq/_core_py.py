@@ -16,7 +16,6 @@ import sys
 import termios
 import time
 from collections.abc import Callable, Iterable
-from io import BytesIO
 from multiprocessing.reduction import DupFd, ForkingPickler
 from pickle import PickleBuffer, loads
 from typing import Any, Literal, NoReturn, Protocol
@@ -312,11 +311,15 @@ def _encode(obj: object) -> tuple[bytes, list[memoryview], int]:
         flags = _shm.FLAG_RAW
         segs = [memoryview(obj)]
     else:
-        sink = BytesIO()
+        # The pickler's file keeps what it writes.  (Not a BytesIO read back
+        # by getbuffer(): on CPython 3.12.1, such a view in a reference cycle,
+        # as a traceback makes, can crash the garbage collector.)
+        sink = _ListSink()
         collector = _OOBCollector()
         # ForkingPickler(file, protocol, fix_imports, buffer_callback)
         ForkingPickler(sink, 5, True, collector).dump(obj)
-        segs = [sink.getbuffer()]
+        chunks = sink.chunks
+        segs = [memoryview(chunks[0] if len(chunks) == 1 else b"".join(chunks))]
         if collector.views:
             # Body: u64 length table, pickle, out-of-band buffers.
             flags = _shm.FLAG_OOB
@@ -326,6 +329,16 @@ def _encode(obj: object) -> tuple[bytes, list[memoryview], int]:
     length = sum(len(s) for s in segs)
     hdr = _shm.HEADER.pack(_shm.MAGIC, _shm.VERSION, flags, nbuf, length)
     return hdr, _frame_iov(hdr, segs), _shm.wire_size(length)
+
+
+class _ListSink:
+    """A file for the pickler: keeps the chunks it is given."""
+
+    __slots__ = ("chunks", "write")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.write = self.chunks.append
 
 
 class _OOBCollector:
