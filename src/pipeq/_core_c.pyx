@@ -1394,26 +1394,31 @@ cdef class Channel:
 
     # -- reading ----------------------------------------------------------
 
+    cdef int _lock_reader(self, int64_t deadline) except -1:
+        """Take the read lock for a get: 1 once held (waiting for data first,
+        without it, if another reader has it), 0 if the deadline passed."""
+        cdef int st = pq_mutex_trylock(self._shm + O_RLOCK)
+        if st != 0 and st != PQ_OWNERDEAD:
+            if st != EBUSY:
+                _raise_errno(st)
+            if not self._wait_fd(self._rfd, POLLIN, deadline):
+                return 0
+            if self._lock(O_RLOCK, deadline) == TIMED_OUT:
+                return 0
+        return 1
+
     def get(self, timeout=None):
         """Read and unpickle one frame.  Raises queue.Empty when no frame
         starts before the deadline."""
         self._check()
         cdef int64_t deadline = _deadline(timeout)
-        cdef int st
         cdef bint wait_first = self._drained
         while True:
             if wait_first and not self._wait_fd(self._rfd, POLLIN, deadline):
                 raise queue.Empty
             wait_first = False
-            st = pq_mutex_trylock(self._shm + O_RLOCK)
-            if st != 0 and st != PQ_OWNERDEAD:
-                if st != EBUSY:
-                    _raise_errno(st)
-                if not self._wait_fd(self._rfd, POLLIN, deadline):
-                    raise queue.Empty
-                st = self._lock(O_RLOCK, deadline)
-                if st == TIMED_OUT:
-                    raise queue.Empty
+            if not self._lock_reader(deadline):
+                raise queue.Empty
             before = pq_load(self._shm + O_GETS)
             try:
                 frame = self._read_frame(1)
@@ -1446,19 +1451,11 @@ cdef class Channel:
         if max_messages < 1:
             raise ValueError(f"max_messages must be at least 1, not {max_messages}")
         cdef int64_t deadline = _deadline(timeout)
-        cdef int st
         cdef uint64_t base0
         cdef list frames = []
         while True:
-            st = pq_mutex_trylock(self._shm + O_RLOCK)
-            if st != 0 and st != PQ_OWNERDEAD:
-                if st != EBUSY:
-                    _raise_errno(st)
-                if not self._wait_fd(self._rfd, POLLIN, deadline):
-                    raise queue.Empty
-                st = self._lock(O_RLOCK, deadline)
-                if st == TIMED_OUT:
-                    raise queue.Empty
+            if not self._lock_reader(deadline):
+                raise queue.Empty
             before = pq_load(self._shm + O_GETS)
             base0 = pq_load(self._shm + O_RD_BASE)
             try:
