@@ -1407,11 +1407,20 @@ cdef class Channel:
                 return 0
         return 1
 
+    cdef void _unlock_reader(self, uint64_t before) noexcept:
+        """The finally of a get: release the read lock and wake producers
+        for the frames taken since GETS was `before`."""
+        cdef uint64_t taken = pq_load(self._shm + O_GETS) - before
+        self._unlock(O_RLOCK)
+        if taken and self.maxsize > 0:
+            self._wake_producers(taken)
+
     def get(self, timeout=None):
         """Read and unpickle one frame.  Raises queue.Empty when no frame
         starts before the deadline."""
         self._check()
         cdef int64_t deadline = _deadline(timeout)
+        cdef uint64_t before
         cdef bint wait_first = self._drained
         while True:
             if wait_first and not self._wait_fd(self._rfd, POLLIN, deadline):
@@ -1425,10 +1434,7 @@ cdef class Channel:
                 if frame is False:
                     self._frame_lost()
             finally:
-                taken = pq_load(self._shm + O_GETS) - before
-                self._unlock(O_RLOCK)
-                if taken and self.maxsize > 0:
-                    self._wake_producers(taken)
+                self._unlock_reader(before)
             if frame is None:
                 if not self._wait_fd(self._rfd, POLLIN, deadline):
                     raise queue.Empty
@@ -1438,7 +1444,7 @@ cdef class Channel:
             self._drained = self._count() <= 0
             data, buffers = frame
             item = data if buffers is None else _loads(data, buffers=buffers)
-            _hand_over([item], 1)
+            _hand_over(item, False)
             return item
 
     def get_many(self, Py_ssize_t max_messages, timeout=None):
@@ -1451,7 +1457,7 @@ cdef class Channel:
         if max_messages < 1:
             raise ValueError(f"max_messages must be at least 1, not {max_messages}")
         cdef int64_t deadline = _deadline(timeout)
-        cdef uint64_t base0
+        cdef uint64_t base0, before
         cdef list frames = []
         while True:
             if not self._lock_reader(deadline):
@@ -1479,10 +1485,7 @@ cdef class Channel:
                                 >= BATCH_BYTES):
                             break
                 finally:
-                    taken = pq_load(self._shm + O_GETS) - before
-                    self._unlock(O_RLOCK)
-                    if taken and self.maxsize > 0:
-                        self._wake_producers(taken)
+                    self._unlock_reader(before)
             except BaseException as exc:
                 if frames:
                     # Interrupted (a signal handler raised) with frames taken:
@@ -1491,7 +1494,7 @@ cdef class Channel:
                 raise
             if frames:
                 out = _unpickle_all(frames, True)
-                _hand_over(out, len(frames))
+                _hand_over(out, True)
                 return out
             if not self._wait_fd(self._rfd, POLLIN, deadline):
                 raise queue.Empty
@@ -1905,14 +1908,17 @@ cdef class Channel:
             self._unlock(O_WLOCK)
 
 
-cdef int _hand_over(list messages, Py_ssize_t read) except -1:
+cdef int _hand_over(object got, bint batch) except -1:
     """Run the signal handlers that came due while this call worked, before
     it returns: one that raises then raises here, with the messages, rather
     than just after the return, in the caller, where they would be lost."""
     try:
         PyErr_CheckSignals()
     except BaseException as exc:
-        attach_messages(exc, messages, read)
+        if batch:
+            attach_messages(exc, got, len(got))
+        else:
+            attach_messages(exc, [got], 1)
         raise
     return 0
 
