@@ -30,13 +30,17 @@ BATCH = 100
 CASES = [
     ("mp.Queue", "int", "single"),
     ("mp.Queue", "bytes100", "single"),
+    ("mp.Queue", "dict", "single"),
     ("faster-fifo", "int", "single"),
     ("faster-fifo", "int", "batch"),
     ("faster-fifo", "bytes100", "batch"),
+    ("faster-fifo", "dict", "batch"),
     ("pipeq", "int", "single"),
     ("pipeq", "bytes100", "single"),
     ("pipeq", "int", "batch"),
     ("pipeq", "bytes100", "batch"),
+    ("pipeq", "dict", "single"),
+    ("pipeq", "dict", "batch"),
 ]
 
 # Run in the measured interpreter: argv = queue payload how n batch.
@@ -52,7 +56,12 @@ elif name == "faster-fifo":
 else:
     import multiprocessing
     q = multiprocessing.get_context("fork").Queue()
-item = 12345 if payload == "int" else b"x" * 100
+if payload == "int":
+    item = 12345
+elif payload == "bytes100":
+    item = b"x" * 100
+else:  # bench/run.py's "dict"
+    item = {"id": 12345, "name": "sensor-7", "value": 3.25, "ok": True, "tags": ["a", "b"]}
 items = [item] * B
 for _ in range(n // B):
     if how == "batch":

@@ -425,16 +425,19 @@ cdef class _Batch:
                     continue
                 if pk is None:
                     pk = _take_pickling()
-                chunks, oob = pk.dump(obj)
+                first = pk.dump(obj)
                 self.flags[i] = 0
-                first = chunks[0]
-                if (not oob and len(chunks) == 1 and type(first) is bytes
+                if (type(first) is bytes
                         and HDR + len(<bytes>first) + 1 <= PIPE_BUF):
                     self.kind[i] = KIND_SMALL
                     self.length[i] = len(<bytes>first)
                     self.body[i] = PyBytes_AS_STRING(first)
                     self.parts[i] = first  # kept alive with the batch
                     continue
+                if first is not None:
+                    chunks, oob = [first], None
+                else:
+                    chunks, oob = pk.chunks(), pk.views()
                 self.kind[i] = KIND_BIG
                 self.npickle[i] = len(chunks)
                 length = 0
@@ -483,10 +486,7 @@ cdef int _raise_errno(int err) except -1:
 cdef class _OOBCollector:
     """pickle buffer_callback: large contiguous buffers go out of band."""
 
-    cdef list views
-
-    def __cinit__(self):
-        self.views = []
+    cdef list views  # None until the first
 
     def __call__(self, pb):
         try:
@@ -495,7 +495,10 @@ cdef class _OOBCollector:
             return True  # not contiguous: let pickle copy it in band
         if view.nbytes < OOB_MIN:
             return True
-        self.views.append(view)
+        if self.views is None:
+            self.views = [view]
+        else:
+            self.views.append(view)
         return False
 
 
@@ -526,13 +529,16 @@ cdef class _Sink:
     in-band buffer by a write of that buffer itself.  Together they are the
     pickle, sent as they are."""
 
-    cdef list chunks
-
-    def __cinit__(self):
-        self.chunks = []
+    cdef object first  # the first chunk; None before it
+    cdef list more  # the chunks after it; None while there is one
 
     def write(self, data):
-        self.chunks.append(data)
+        if self.first is None:
+            self.first = data
+        elif self.more is None:
+            self.more = [data]
+        else:
+            self.more.append(data)
 
 
 cdef class _Pickling:
@@ -544,6 +550,7 @@ cdef class _Pickling:
 
     cdef _Sink sink
     cdef object pickler
+    cdef object _clear_memo, _dump  # the pickler's bound methods, looked up once
     cdef _OOBCollector collector
     cdef bint busy
 
@@ -552,20 +559,40 @@ cdef class _Pickling:
         self.collector = _OOBCollector()
         self.pickler = Pickler(self.sink, 5, fix_imports=True, buffer_callback=self.collector)
         self.pickler.dispatch_table = _REDUCERS
+        self._clear_memo = self.pickler.clear_memo
+        self._dump = self.pickler.dump
         self.busy = False
 
-    cdef tuple dump(self, obj):
-        """(the pickle's chunks, the out-of-band views), each a fresh list.
-        The caller calls done() before the next dump."""
-        self.sink.chunks = []
-        self.collector.views = []
-        self.pickler.clear_memo()
-        self.pickler.dump(obj)
-        return self.sink.chunks, self.collector.views
+    cdef object dump(self, obj):
+        """Pickle obj.  Returns the pickle when it is one chunk with no
+        out-of-band buffers (small objects: no list is built for them), else
+        None, and chunks() and views() have it.  The caller calls done()
+        before the next dump."""
+        self._reset()
+        self._clear_memo()
+        self._dump(obj)
+        if self.sink.more is None and self.collector.views is None:
+            return self.sink.first
+        return None
+
+    cdef list chunks(self):
+        """The pickle's chunks, a fresh list."""
+        cdef list out = [self.sink.first]
+        if self.sink.more is not None:
+            out.extend(self.sink.more)
+        return out
+
+    cdef list views(self):
+        """The out-of-band buffers' views, in order, a fresh list."""
+        return self.collector.views if self.collector.views is not None else []
+
+    cdef inline void _reset(self) noexcept:
+        self.sink.first = None
+        self.sink.more = None
+        self.collector.views = None
 
     cdef void done(self) noexcept:
-        self.sink.chunks = []
-        self.collector.views = []
+        self._reset()
         self.busy = False
 
 
@@ -807,7 +834,11 @@ cdef class Channel:
             return
         cdef _Pickling pickling = _take_pickling()
         try:
-            parts, oob = pickling.dump(obj)
+            first = pickling.dump(obj)
+            if first is not None:
+                parts, oob = [first], None
+            else:
+                parts, oob = pickling.chunks(), pickling.views()
         finally:
             pickling.done()
         cdef Py_ssize_t npickle = len(parts)
@@ -1443,7 +1474,7 @@ cdef class Channel:
                 continue  # a torn frame: its writer gave up, nothing to deliver
             self._drained = self._count() <= 0
             data, buffers = frame
-            item = data if buffers is None else _loads(data, buffers=buffers)
+            item = _unpickle(data, buffers)
             _hand_over(item, False)
             return item
 
@@ -1923,6 +1954,19 @@ cdef int _hand_over(object got, bint batch) except -1:
     return 0
 
 
+cdef inline object _unpickle(object data, object buffers):
+    """A frame's message: data itself for a raw frame (buffers None), else
+    data unpickled with its out-of-band buffers.  Without any, loads() gets
+    data alone: its positional fast path, where buffers=() costs a keyword
+    parse per message; a pickle that refers to out-of-band data fails the
+    same way either way."""
+    if buffers is None:
+        return data
+    if not buffers:
+        return _loads(data)
+    return _loads(data, buffers=buffers)
+
+
 cdef list _unpickle_all(list frames, bint strict):
     """The messages of frames, in order.  Strict: if any cannot be
     unpickled, raise the first such error, the others attached to it
@@ -1931,7 +1975,7 @@ cdef list _unpickle_all(list frames, bint strict):
     first = None
     for data, buffers in frames:
         try:
-            out.append(data if buffers is None else _loads(data, buffers=buffers))
+            out.append(_unpickle(data, buffers))
         except BaseException as exc:
             if first is None:
                 first = exc
