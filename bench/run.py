@@ -49,18 +49,19 @@ Equal capacity
     the ring then never binds before the K items do.
 
 Fair rules
-  Fork by default (--start-method to change); 3 repetitions (--repeat), the
-  median reported with the range (max - min) / median; ratios are to mp.Queue in
-  the same run. Every blocking call has a timeout (mp.SimpleQueue has none: its
-  children are killed at the trial's deadline), every child is joined with a
-  timeout, and an implementation that fails or hangs is reported as an error row
-  while the run carries on. faster-fifo's blocking get can raise queue.Empty
-  early when several consumers share it (it grows its receive buffer, then
-  retries without blocking); the harness retries until the timeout, as its
-  users must. pipeq sends a bytes payload as it is (no pickle), which is what
-  its users get. The machine, pipe size, start method and library versions are
-  printed with the results. Absolute numbers on a busy machine are noisy;
-  compare ratios.
+  Fork by default (--start-method to change); 3 repetitions (--repeat), the median
+  reported with the range (max - min) / median; ratios are to mp.Queue in the same
+  run. The repetitions run in rounds, each round every case once, so a spell of
+  load on a shared machine falls on one repetition of many cases rather than on
+  every repetition of one. Every blocking call has a timeout (mp.SimpleQueue has
+  none: its children are killed at the trial's deadline), every child is joined
+  with a timeout, and an implementation that fails or hangs is reported as an
+  error row while the run carries on. faster-fifo's blocking get can raise
+  queue.Empty early when several consumers share it (it grows its receive buffer,
+  then retries without blocking); the harness retries until the timeout, as its
+  users must. pipeq sends a bytes payload as it is (no pickle), which is what its
+  users get. The machine, pipe size, start method and library versions are printed
+  with the results. Absolute numbers on a busy machine are noisy; compare ratios.
 
 Output: an aligned table on stdout (progress on stderr), --json FILE, and PNG plots
 (throughput against payload size, faster-fifo configurations, latency) in --plot DIR.
@@ -895,29 +896,29 @@ def progress(message: str) -> None:
 def run_throughput(
     workloads: list[Workload], impls: list[Impl], repeat: int, s: Settings
 ) -> list[ThroughputResult]:
-    results: list[ThroughputResult] = []
     cases = [
         (wl, impl) for wl in workloads for impl in impls if not impl.floor or wl.shape == "1x1"
     ]
-    for k, (wl, impl) in enumerate(cases, 1):
-        res = ThroughputResult(wl, impl.name, s.capacity(wl.pickled).items)
-        t0 = time.monotonic()
-        try:
-            for _ in range(repeat):
+    results = [ThroughputResult(wl, impl.name, s.capacity(wl.pickled).items) for wl, impl in cases]
+    for rnd in range(1, repeat + 1):
+        for k, ((wl, impl), res) in enumerate(zip(cases, results, strict=True), 1):
+            if res.error is not None:
+                continue  # failed in an earlier round: reported as an error row
+            t0 = time.monotonic()
+            try:
                 res.seconds.append(throughput_trial(impl, wl, s))
-        except TrialError as exc:
-            res.error = str(exc)
+                outcome = f"{wl.items / res.seconds[-1]:12,.0f} msg/s"
+            except TrialError as exc:
+                res.error = str(exc)
+                outcome = f"ERROR {res.error}"
+            progress(
+                f"[round {rnd}/{repeat}, {k}/{len(cases)}] {wl.suite} {wl.payload} {wl.shape}"
+                f" {impl.name}: {outcome} ({time.monotonic() - t0:.1f} s)"
+            )
+    for res in results:
         if res.seconds and res.error is None:
-            res.msg_per_s = Spread.of([wl.items / t for t in res.seconds])
-            res.mb_per_s = res.msg_per_s.median * wl.pickled / MB
-            outcome = f"{res.msg_per_s.median:12,.0f} msg/s"
-        else:
-            outcome = f"ERROR {res.error}"
-        progress(
-            f"[{k}/{len(cases)}] {wl.suite} {wl.payload} {wl.shape} {impl.name}:"
-            f" {outcome} ({time.monotonic() - t0:.1f} s)"
-        )
-        results.append(res)
+            res.msg_per_s = Spread.of([res.workload.items / t for t in res.seconds])
+            res.mb_per_s = res.msg_per_s.median * res.workload.pickled / MB
     base = {r.workload: r.msg_per_s for r in results if r.impl == MP_QUEUE}
     for r in results:
         if r.msg_per_s and base.get(r.workload):
@@ -934,25 +935,27 @@ def run_latency(
     s: Settings,
 ) -> list[LatencyResult]:
     n = max(10, round(mode.round_trips * scale))
-    results: list[LatencyResult] = []
-    for payload, pickled in payloads:
-        for impl in impls:
-            if impl.batched:
+    cases = [(payload, pickled, impl) for payload, pickled in payloads for impl in impls]
+    cases = [c for c in cases if not c[2].batched]
+    results = [LatencyResult(payload, pickled, impl.name, n) for payload, pickled, impl in cases]
+    p50s: list[list[float]] = [[] for _ in cases]
+    p99s: list[list[float]] = [[] for _ in cases]
+    for rnd in range(1, repeat + 1):  # in rounds, as run_throughput
+        for k, ((payload, pickled, impl), res) in enumerate(zip(cases, results, strict=True)):
+            if res.error is not None:
                 continue
-            res = LatencyResult(payload, pickled, impl.name, n)
-            p50s, p99s = [], []
             try:
-                for _ in range(repeat):
-                    samples = sorted(latency_trial(impl, payload, pickled, n, mode.warmup, s))
-                    p50s.append(percentile(samples, 50))
-                    p99s.append(percentile(samples, 99))
-                res.p50_us, res.p99_us = Spread.of(p50s), Spread.of(p99s)
-                outcome = f"p50 {res.p50_us.median:,.1f} us, p99 {res.p99_us.median:,.1f} us"
+                samples = sorted(latency_trial(impl, payload, pickled, n, mode.warmup, s))
+                p50s[k].append(percentile(samples, 50))
+                p99s[k].append(percentile(samples, 99))
+                outcome = f"p50 {p50s[k][-1]:,.1f} us, p99 {p99s[k][-1]:,.1f} us"
             except TrialError as exc:
                 res.error = str(exc)
                 outcome = f"ERROR {res.error}"
-            progress(f"latency {payload} {impl.name}: {outcome}")
-            results.append(res)
+            progress(f"[round {rnd}/{repeat}] latency {payload} {impl.name}: {outcome}")
+    for k, res in enumerate(results):
+        if res.error is None and p50s[k]:
+            res.p50_us, res.p99_us = Spread.of(p50s[k]), Spread.of(p99s[k])
     base = {r.payload: r.p50_us for r in results if r.impl == MP_QUEUE}
     for r in results:
         if r.p50_us and base.get(r.payload):
