@@ -60,8 +60,10 @@ Fair rules
   queue.Empty early when several consumers share it (it grows its receive buffer,
   then retries without blocking); the harness retries until the timeout, as its
   users must. pipeq sends a bytes payload as it is (no pickle), which is what its
-  users get. The machine, pipe size, start method and library versions are printed
-  with the results. Absolute numbers on a busy machine are noisy; compare ratios.
+  users get. numpy's BLAS is held to one thread (its idle pool spins, taking CPU
+  from the queue being measured). The machine, pipe size, start method and library
+  versions are printed with the results. Absolute numbers on a busy machine are
+  noisy; compare ratios.
 
 Output: an aligned table on stdout (progress on stderr), --json FILE, and PNG plots
 (throughput against payload size, faster-fifo configurations, latency) in --plot DIR.
@@ -110,6 +112,15 @@ def _optional(name: str) -> ModuleType | None:
         return None
 
 
+# numpy's OpenBLAS starts a pool of worker threads at import, and they spin
+# while idle: on a 2-core machine that takes CPU from whatever queue is being
+# measured (perf showed its blas_thread_server in 7% of the samples of an
+# 8 MiB numpy run).  Nothing here does linear algebra, so every process gets
+# one BLAS thread, unless the caller's environment says otherwise.  Set before
+# numpy is first imported; children inherit it.
+BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+for _var in BLAS_THREADS:
+    os.environ.setdefault(_var, "1")
 np = _optional("numpy")
 faster_fifo = _optional("faster_fifo")
 pipeq = _optional("pipeq")
@@ -1000,6 +1011,7 @@ def machine_info(s: Settings, floor: str, start_method: str) -> dict[str, object
         "capacity": "every pipe resized to the pipe size B; mp.Queue and faster-fifo"
         " maxsize = the items B holds (the bound column); faster-fifo ring = B + one message",
         "floor": floor,
+        "blas threads": ", ".join(f"{v}={os.environ.get(v)}" for v in BLAS_THREADS),
     }
     for dist in ("pipeq", "faster-fifo", "numpy", "matplotlib"):
         info[dist] = version_of(dist)
