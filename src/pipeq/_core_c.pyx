@@ -507,6 +507,13 @@ cdef class _OOBCollector:
 # page faults.
 cdef uint64_t BATCH_BYTES = 65536
 
+# A frame whose body is at most this long (and has no out-of-band buffers,
+# and leads no group) is read whole, header, body and COMMIT marker, in one
+# release of the GIL: it went into the pipe by one write of at most PIPE_BUF
+# bytes, so with its header in the pipe the rest is there too.
+cdef enum:
+    SMALL_BODY = 512
+
 cdef class _Reducers:
     """The dispatch table that a ForkingPickler builds when it is made:
     ForkingPickler's registered reducers over copyreg's.  Looked up live
@@ -628,6 +635,9 @@ cdef class Channel:
     # most likely finds the pipe empty, so it waits for data before it tries
     # a read (saving a read that would fail, in ping-pong traffic).
     cdef bint _drained
+    # Holding the read lock: a small frame's body and COMMIT marker, read by
+    # the same release of the GIL as its header (see _read_frame).
+    cdef uint8_t _small[SMALL_BODY + 1]
 
     def __cinit__(self):
         self._rfd = self._wfd = self._shmfd = self._nrfd = self._nwfd = -1
@@ -1594,6 +1604,8 @@ cdef class Channel:
             self._skip_frame()
         # The header goes straight into shared memory, so that a successor
         # can finish this frame if we stop partway through it.
+        cdef ssize_t got = -1
+        cdef uint64_t length
         with nogil:
             pq_store(shm + O_RD_TRY, HDR)  # see _read_iov
             n = read(self._rfd, shm + O_RD_HDR, HDR)
@@ -1601,6 +1613,17 @@ cdef class Channel:
             if n > 0:
                 pq_store(shm + O_RD_POS, <uint64_t>n)
             pq_store(shm + O_RD_TRY, <uint64_t>n if n > 0 else 0)
+            length = _get_u64(shm + O_RD_HDR + 8)
+            if (n == HDR and _header_ok(shm + O_RD_HDR)
+                    and (shm[O_RD_HDR + 3] & ~FLAG_RAW) == 0 and length <= SMALL_BODY):
+                # A small frame: its body and marker with the same release.
+                pq_store(shm + O_RD_TRY, HDR + length + 1)
+                got = read(self._rfd, self._small, length + 1)
+                if got > 0:
+                    pq_store(shm + O_RD_POS, HDR + <uint64_t>got)
+                pq_store(shm + O_RD_TRY, pq_load(shm + O_RD_POS))
+        if got >= 0:
+            return self._small_frame(length, <uint64_t>got)
         if n < 0:
             if err == EAGAIN or err == EWOULDBLOCK:
                 return None
@@ -1614,6 +1637,35 @@ cdef class Channel:
             self._frame_done()
             return False
         return self._read_body(room)
+
+    cdef object _small_frame(self, uint64_t length, uint64_t got):
+        """Holding the read lock, a small frame's header read and got bytes
+        of its body and marker in _small: the frame, as _read_body returns
+        it.  got is all of them but for a writer that broke the pipe's
+        atomic write (not pipeq): then the rest is read as for any frame."""
+        cdef uint8_t flags = self._shm[O_RD_HDR + 3]
+        cdef uint64_t body = got if got < length else length
+        cdef uint8_t marker
+        cdef int r
+        if got == length + 1:  # always, from a pipeq writer
+            data = PyBytes_FromStringAndSize(<const char *>self._small, length)
+            marker = self._small[length]
+            if marker == MARK_TORN:
+                return self._torn_or_bad(SPAN_TORN)
+            if marker != MARK_COMMIT:
+                raise StreamError(f"pipeq: bad end-of-frame marker {marker:#04x}")
+        else:
+            data = PyBytes_FromStringAndSize(NULL, length)
+            memcpy(PyBytes_AS_STRING(data), self._small, body)
+            r = self._read_span(PyBytes_AS_STRING(data) + body, length - body, length)
+            if r == SPAN_MORE:
+                r = self._read_span(NULL, 0, length)  # the COMMIT marker itself
+            if r != SPAN_END:
+                return self._torn_or_bad(r)
+        self._frame_done()
+        if flags & FLAG_RAW:
+            return data, None
+        return data, ()
 
     cdef int _finish_header(self) except -1:
         """Read the rest of a partial header and check it.  0 if its writer
