@@ -933,22 +933,29 @@ cdef class Channel:
         """Write one frame whose body is parts: the pickle's npickle chunks
         (or the bytes), then its out-of-band buffers."""
         cdef uint8_t hdr[HDR]
-        cdef Py_buffer *views = NULL
-        cdef iovec *segs = NULL
-        cdef iovec *iov = NULL
-        cdef uint8_t *table = NULL
+        # The common frame, one or two parts and no buffers, needs no heap.
+        cdef Py_buffer views_s[2]
+        cdef iovec segs_s[3]
+        cdef iovec iov_s[8]
+        cdef uint8_t table_s[1]
+        cdef Py_buffer *views = views_s
+        cdef iovec *segs = segs_s
+        cdef iovec *iov = iov_s
+        cdef uint8_t *table = table_s
         cdef Py_ssize_t nviews = 0, nsegs = 0, i
         cdef uint64_t length = 0, take, filled = 0
+        cdef size_t niov_max
         cdef int niov = 0
         cdef char *base
         cdef size_t left
         try:
             # Body segments: [length table,] pickle or bytes, [buffers...]
-            views = <Py_buffer *>PyMem_Malloc(len(parts) * sizeof(Py_buffer))
-            segs = <iovec *>PyMem_Malloc((len(parts) + 1) * sizeof(iovec))
-            table = <uint8_t *>PyMem_Malloc(nbuf * 8 + 1)
-            if views == NULL or segs == NULL or table == NULL:
-                raise MemoryError()
+            if len(parts) > 2 or nbuf:
+                views = <Py_buffer *>PyMem_Malloc(len(parts) * sizeof(Py_buffer))
+                segs = <iovec *>PyMem_Malloc((len(parts) + 1) * sizeof(iovec))
+                table = <uint8_t *>PyMem_Malloc(nbuf * 8 + 1)
+                if views == NULL or segs == NULL or table == NULL:
+                    raise MemoryError()
             if nbuf:
                 segs[0].iov_base = table
                 segs[0].iov_len = nbuf * 8
@@ -966,10 +973,11 @@ cdef class Channel:
 
             # Header, the segments cut at every CHUNK bytes by a CONT marker,
             # and the COMMIT marker.
-            iov = <iovec *>PyMem_Malloc(
-                (2 + nsegs + 2 * _nchunks(length)) * sizeof(iovec))
-            if iov == NULL:
-                raise MemoryError()
+            niov_max = 2 + nsegs + 2 * _nchunks(length)
+            if niov_max > 8:
+                iov = <iovec *>PyMem_Malloc(niov_max * sizeof(iovec))
+                if iov == NULL:
+                    raise MemoryError()
             iov[0].iov_base = hdr
             iov[0].iov_len = HDR
             niov = 1
@@ -999,10 +1007,14 @@ cdef class Channel:
         finally:
             for i in range(nviews):
                 PyBuffer_Release(&views[i])
-            PyMem_Free(views)
-            PyMem_Free(segs)
-            PyMem_Free(iov)
-            PyMem_Free(table)
+            if views != views_s:
+                PyMem_Free(views)
+            if segs != segs_s:
+                PyMem_Free(segs)
+            if iov != iov_s:
+                PyMem_Free(iov)
+            if table != table_s:
+                PyMem_Free(table)
         return 0
 
     cdef int _put_frame(self, uint8_t *hdr, iovec *iov, int niov, uint64_t total,
