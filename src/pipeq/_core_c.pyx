@@ -1531,9 +1531,11 @@ cdef class Channel:
                         else:
                             frames.append(frame)
                         # Only as far as the pipe goes now (no wait once there
-                        # is something to return), and only while the frames
-                        # are small enough for the batch to pay.
-                        if (len(frames) >= max_messages or pq_fionread(self._rfd) < HDR
+                        # is something to return: the next _read_frame finds
+                        # the pipe empty, one failed read per batch rather
+                        # than a FIONREAD per frame), and only while the
+                        # frames are small enough for the batch to pay.
+                        if (len(frames) >= max_messages
                                 or ((pq_load(self._shm + O_RD_BASE) - base0) & (BASE_PARITY - 1))
                                 >= BATCH_BYTES):
                             break

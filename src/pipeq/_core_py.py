@@ -1017,11 +1017,11 @@ class Channel:
                             continue
                         frames.append(frame)
                         # Only as far as the pipe goes now (no wait once there
-                        # is something to return), and only while the frames
-                        # are small enough for the batch to pay.
+                        # is something to return: the next _read_frame finds
+                        # the pipe empty), and only while the frames are
+                        # small enough for the batch to pay.
                         if (
                             len(frames) >= max_messages
-                            or _fionread(self._rfd) < HDR
                             or (self._rd_base.value - base0) & _MASK >= BATCH_BYTES
                         ):
                             break
