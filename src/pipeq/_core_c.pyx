@@ -1027,6 +1027,11 @@ cdef class Channel:
         # timeout never cuts it; only a frame larger than the pipe is streamed
         # (holding the write lock) and can be left unfinished.
         cdef bint sized = total > <uint64_t>PIPE_BUF and total <= <uint64_t>self.capacity
+        # Whether the frame has been tried once.  Room for a sized frame is
+        # decided under the write lock, by _begin_frame; it is looked at
+        # before the lock too (one FIONREAD more) only after a try, which
+        # found no room or was turned back, to wait for it there.
+        cdef bint tried = False
         while True:
             if self.maxsize > 0 and self._count() + <int64_t>count > self.maxsize:
                 if count > 1:
@@ -1034,10 +1039,11 @@ cdef class Channel:
                 if not self._wait_room(deadline):
                     raise queue.Full
                 continue
-            if sized and not self._has_room(total):
+            if tried and sized and not self._has_room(total):
                 if not self._wait_space(total, deadline):
                     raise queue.Full
                 continue
+            tried = True
             if self._lock_writer(deadline, total) == TIMED_OUT:
                 raise queue.Full
             try:
