@@ -1502,7 +1502,11 @@ cdef class Channel:
                 continue  # a torn frame: its writer gave up, nothing to deliver
             self._drained = self._count() <= 0
             data, buffers = frame
-            item = _unpickle(data, buffers)
+            try:
+                item = _unpickle(data, buffers)
+            except BaseException as exc:
+                _rescue(exc, data, buffers)
+                raise
             _hand_over(item, False)
             return item
 
@@ -2039,17 +2043,44 @@ cdef inline object _unpickle(object data, object buffers):
     return _loads(data, buffers=buffers)
 
 
+cdef inline bint _interrupted(object exc):
+    """Whether exc, raised while a message was unpickled, is not the
+    message's fault but an interruption: KeyboardInterrupt, SystemExit and
+    the like, which a signal handler raises at a check inside the message's
+    own unpickling code (a reduce function written in Python, numpy's)."""
+    return not isinstance(exc, Exception)
+
+
+cdef int _rescue(object exc, object data, object buffers) except -1:
+    """get()'s message, read and so out of the pipe, did not unpickle: exc.
+    If it was interrupted, unpickle it once more (its reduce code runs
+    again) and hand it over with exc, as exc.messages, rather than lose it."""
+    if _interrupted(exc):
+        try:
+            item = _unpickle(data, buffers)
+        except BaseException:
+            return 0  # exc is raised; the message cannot be had
+        attach_messages(exc, [item], 1)
+    return 0
+
+
 cdef list _unpickle_all(list frames, bint strict):
     """The messages of frames, in order.  Strict: if any cannot be
-    unpickled, raise the first such error, the others attached to it
-    (attach_messages); else skip those."""
+    unpickled, raise the first such error (an interruption before any
+    other), the others attached to it (attach_messages); else skip those.
+    An interrupted message is unpickled once more, as for get()."""
     cdef list out = []
     first = None
     for data, buffers in frames:
         try:
             out.append(_unpickle(data, buffers))
         except BaseException as exc:
-            if first is None:
+            if _interrupted(exc):
+                try:
+                    out.append(_unpickle(data, buffers))
+                except BaseException:
+                    pass  # lost; exc says why
+            if first is None or (_interrupted(exc) and not _interrupted(first)):
                 first = exc
     if first is not None and strict:
         attach_messages(first, out, len(frames))

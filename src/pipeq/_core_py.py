@@ -955,9 +955,11 @@ class Channel:
             if frame is False:
                 continue  # a torn frame: its writer gave up, nothing to deliver
             data, buffers = frame
-            if buffers is None:
-                return data
-            return loads(data, buffers=buffers)
+            try:
+                return _unpickle(data, buffers)
+            except BaseException as exc:
+                _rescue(exc, data, buffers)
+                raise
 
     def _lock_reader(self, deadline: int) -> bool:
         """Take the read lock for a get: True once held, False if the
@@ -1332,17 +1334,53 @@ class Channel:
             _unlock(self._wlock)
 
 
+def _unpickle(data: bytes | bytearray, buffers: list[bytearray] | tuple[()] | None) -> Any:
+    """A frame's message: data itself for a raw frame (buffers None), else
+    data unpickled with its out-of-band buffers."""
+    if buffers is None:
+        return data
+    return loads(data, buffers=buffers)
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether exc, raised while a message was unpickled, is not the
+    message's fault but an interruption: KeyboardInterrupt, SystemExit and
+    the like, which a signal handler raises at a check inside the message's
+    own unpickling code (a reduce function written in Python, numpy's)."""
+    return not isinstance(exc, Exception)
+
+
+def _rescue(
+    exc: BaseException, data: bytes | bytearray, buffers: list[bytearray] | tuple[()] | None
+) -> None:
+    """get()'s message, read and so out of the pipe, did not unpickle: exc.
+    If it was interrupted, unpickle it once more (its reduce code runs
+    again) and hand it over with exc, as exc.messages, rather than lose it."""
+    if _interrupted(exc):
+        try:
+            item = _unpickle(data, buffers)
+        except BaseException:
+            return  # exc is raised; the message cannot be had
+        attach_messages(exc, [item], 1)
+
+
 def _unpickle_all(frames: list[_Frame], strict: bool) -> list[Any]:
     """The messages of frames, in order.  Strict: if any cannot be
-    unpickled, raise the first such error, the others attached to it
-    (attach_messages); else skip those."""
+    unpickled, raise the first such error (an interruption before any
+    other), the others attached to it (attach_messages); else skip those.
+    An interrupted message is unpickled once more, as for get()."""
     out: list[Any] = []
     first: BaseException | None = None
     for data, buffers in frames:
         try:
-            out.append(data if buffers is None else loads(data, buffers=buffers))
+            out.append(_unpickle(data, buffers))
         except BaseException as exc:
-            if first is None:
+            if _interrupted(exc):
+                try:
+                    out.append(_unpickle(data, buffers))
+                except BaseException:  # noqa: S110 - lost; exc says why
+                    pass
+            if first is None or (_interrupted(exc) and not _interrupted(first)):
                 first = exc
     if first is not None and strict:
         attach_messages(first, out, len(frames))
