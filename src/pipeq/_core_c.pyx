@@ -17,7 +17,7 @@ import copyreg
 import os
 import queue
 from multiprocessing.reduction import DupFd, ForkingPickler
-from pickle import Pickler
+from pickle import PickleBuffer, Pickler
 from pickle import loads as _loads
 
 from pipeq import _shm
@@ -425,7 +425,7 @@ cdef class _Batch:
                     continue
                 if pk is None:
                     pk = _take_pickling()
-                first = pk.dump(obj)
+                first = pk.dump(_as_buffer(obj))
                 self.flags[i] = 0
                 if (type(first) is bytes
                         and HDR + len(<bytes>first) + 1 <= PIPE_BUF):
@@ -481,6 +481,14 @@ cdef bint _header_ok(const uint8_t *h) noexcept nogil:
 
 cdef int _raise_errno(int err) except -1:
     raise_errno(err)
+
+
+cdef inline object _as_buffer(object obj):
+    """What to pickle for obj: a large bytearray as a PickleBuffer of
+    itself, so that it travels out of band (see _shm.as_buffer)."""
+    if type(obj) is bytearray and len(<bytearray>obj) >= OOB_MIN:
+        return PickleBuffer(obj)
+    return obj
 
 
 cdef class _OOBCollector:
@@ -842,6 +850,7 @@ cdef class Channel:
         if type(obj) is bytes:
             self._put_parts([obj], 1, FLAG_RAW, 0, deadline)
             return
+        obj = _as_buffer(obj)
         cdef _Pickling pickling = _take_pickling()
         try:
             first = pickling.dump(obj)

@@ -311,6 +311,7 @@ def _encode(obj: object) -> tuple[bytes, list[memoryview], int]:
         flags = _shm.FLAG_RAW
         segs = [memoryview(obj)]
     else:
+        obj = _shm.as_buffer(obj)
         # The pickler's file keeps what it writes.  (Not a BytesIO read back
         # by getbuffer(): on CPython 3.12.1, such a view in a reference cycle,
         # as a traceback makes, can crash the garbage collector.)
