@@ -9,7 +9,7 @@ of every repetition) gives medians that move less between sessions:
 
 Throughput: the median over every repetition of every run, in msg/s, with its
 ratio to mp.Queue's pooled median and, for 1x1, to the floor's.  Latency: the
-median of the runs' p50s.  Only runs of the same mode and machine make sense
+median of the runs' p50s, and of their p99s.  Only runs of the same mode and machine make sense
 together; the script says which runs it read.
 """
 
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rates: dict[tuple[str, str, str], dict[str, list[float]]] = {}
     p50s: dict[str, dict[str, list[float]]] = {}
+    p99s: dict[str, dict[str, list[float]]] = {}
     for path in args.runs:
         run = json.loads(path.read_text())
         m = run["machine"]
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             if r.get("error") is None and r["p50_us"]:
                 p50s.setdefault(r["payload"], {}).setdefault(r["impl"], []).append(
                     r["p50_us"]["median"]
+                )
+                p99s.setdefault(r["payload"], {}).setdefault(r["impl"], []).append(
+                    r["p99_us"]["median"]
                 )
     print()
     print(
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"{'ping-pong':<13} {'implementation':<30} {'runs':>4} {'p50 us':>8}"
-        f" {'x mp.Queue':>10} {'x floor':>8}"
+        f" {'x mp.Queue':>10} {'x floor':>8} {'p99 us':>8}"
     )
     for payload, impls in p50s.items():
         base = statistics.median(impls[MP_QUEUE]) if MP_QUEUE in impls else None
@@ -78,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             med = statistics.median(values)
             vs_mp = f"{med / base:10.2f}" if base else f"{'-':>10}"
             vs_floor = f"{med / floor:8.2f}" if floor and name != FLOOR else f"{'':>8}"
-            print(f"{payload:<13} {name:<30} {len(values):>4} {med:>8.1f} {vs_mp} {vs_floor}")
+            p99 = statistics.median(p99s[payload][name])
+            print(
+                f"{payload:<13} {name:<30} {len(values):>4} {med:>8.1f} {vs_mp} {vs_floor}"
+                f" {p99:>8.1f}"
+            )
     return 0
 
 
