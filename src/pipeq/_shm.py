@@ -31,23 +31,6 @@ MARK_CONT = 0xA7
 MARK_COMMIT = 0xC3
 MARK_TORN = 0x5A
 OOB_MIN = 16 * 1024  # smaller pickle buffers are copied in band
-
-
-def as_buffer(obj: object) -> object:
-    """What to pickle for obj: a large bytearray as a PickleBuffer of itself.
-
-    Protocol 5 pickles a bytearray in band (the pickler has its own code for
-    the type, ahead of any reducer), so the reader would copy it out of the
-    pickle into a second fresh bytearray.  A PickleBuffer goes out of band
-    instead, and a pickle that is only that buffer unpickles to the buffer
-    object the reader passes in: the fresh bytearray the pipe was read into,
-    the message itself.  Only the message's top level: a bytearray inside
-    another object still travels in band."""
-    if type(obj) is bytearray and len(obj) >= OOB_MIN:
-        return PickleBuffer(obj)
-    return obj
-
-
 MAX_BODY = 1 << 48  # no sane frame is larger; a bigger length means garbage
 
 
@@ -65,6 +48,21 @@ def group_rest(flags: int, nbuf: int) -> tuple[int, int]:
     if not flags & FLAG_GROUP:
         return 0, 0
     return nbuf >> GROUP_SHIFT, nbuf & GROUP_BYTES
+
+
+def as_buffer(obj: object) -> object:
+    """What to pickle for obj: a large bytearray as a PickleBuffer of itself.
+
+    Protocol 5 pickles a bytearray in band (the pickler has its own code for
+    the type, ahead of any reducer), so the reader would copy it out of the
+    pickle into a second fresh bytearray.  A PickleBuffer goes out of band
+    instead, and a pickle that is only that buffer unpickles to the buffer
+    object the reader passes in: the fresh bytearray the pipe was read into,
+    the message itself.  Only the message's top level: a bytearray inside
+    another object still travels in band."""
+    if type(obj) is bytearray and len(obj) >= OOB_MIN:
+        return PickleBuffer(obj)
+    return obj
 
 
 def header_ok(magic: bytes, version: int, flags: int, nbuf: int, length: int) -> bool:
