@@ -1684,21 +1684,16 @@ cdef class Channel:
             data = PyBytes_FromStringAndSize(<const char *>self._small, length)
             marker = self._small[length]
             if marker == MARK_TORN:
-                return self._torn_or_bad(SPAN_TORN)
-            if marker != MARK_COMMIT:
+                r = SPAN_TORN
+            elif marker != MARK_COMMIT:
                 raise StreamError(f"pipeq: bad end-of-frame marker {marker:#04x}")
+            else:
+                r = SPAN_END
         else:
             data = PyBytes_FromStringAndSize(NULL, length)
             memcpy(PyBytes_AS_STRING(data), self._small, body)
             r = self._read_span(PyBytes_AS_STRING(data) + body, length - body, length)
-            if r == SPAN_MORE:
-                r = self._read_span(NULL, 0, length)  # the COMMIT marker itself
-            if r != SPAN_END:
-                return self._torn_or_bad(r)
-        self._frame_done()
-        if flags & FLAG_RAW:
-            return data, None
-        return data, ()
+        return self._end_frame(r, length, flags, data, ())
 
     cdef int _finish_header(self) except -1:
         """Read the rest of a partial header and check it.  0 if its writer
@@ -1764,6 +1759,14 @@ cdef class Channel:
                 if r != SPAN_MORE:
                     break
                 r = self._read_span(PyByteArray_AS_STRING(buf), len(buf), length)
+        return self._end_frame(r, length, flags, data, buffers if buffers is not None else ())
+
+    cdef object _end_frame(self, int r, uint64_t length, uint8_t flags, object data,
+                           object buffers):
+        """A frame's last step, r what its body's last span returned: its
+        COMMIT marker if that span did not reach it, then the frame counted
+        and returned as (data, buffers), (data, None) for a raw one; or what
+        a torn or bad frame comes to (_torn_or_bad)."""
         if r == SPAN_MORE:
             r = self._read_span(NULL, 0, length)  # the COMMIT marker itself
         if r != SPAN_END:
@@ -1771,7 +1774,7 @@ cdef class Channel:
         self._frame_done()
         if flags & FLAG_RAW:
             return data, None
-        return data, (buffers if buffers is not None else ())
+        return data, buffers
 
     cdef list _read_group(self, uint64_t length, uint8_t flags, uint32_t nbuf):
         """Holding the read lock, a group's lead header read: read the lead's
