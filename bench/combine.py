@@ -30,6 +30,15 @@ def _key(w: dict[str, Any]) -> tuple[str, str, str]:
     return (w["suite"], w["payload"], f"{w['producers']}x{w['consumers']}")
 
 
+def _ratios(value: float, impls: dict[str, list[float]], name: str) -> str:
+    """value against mp.Queue's median and, but for the floor's own row, the floor's."""
+    base = statistics.median(impls[MP_QUEUE]) if MP_QUEUE in impls else None
+    floor = statistics.median(impls[FLOOR]) if FLOOR in impls else None
+    vs_mp = f"{value / base:10.2f}" if base else f"{'-':>10}"
+    vs_floor = f"{value / floor:8.2f}" if floor and name != FLOOR else f"{'':>8}"
+    return f"{vs_mp} {vs_floor}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="JSON files written by bench/run.py --json")
@@ -60,15 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         f" {'x mp.Queue':>10} {'x floor':>8}"
     )
     for (_, payload, shape), impls in rates.items():
-        base = statistics.median(impls[MP_QUEUE]) if MP_QUEUE in impls else None
-        floor = statistics.median(impls[FLOOR]) if FLOOR in impls else None
         for name, values in impls.items():
             med = statistics.median(values)
-            vs_mp = f"{med / base:10.2f}" if base else f"{'-':>10}"
-            vs_floor = f"{med / floor:8.2f}" if floor and name != FLOOR else f"{'':>8}"
             print(
                 f"{payload:<13} {shape:<6} {name:<30} {len(values):>3} {med:>11,.0f}"
-                f" {vs_mp} {vs_floor}"
+                f" {_ratios(med, impls, name)}"
             )
     print()
     print(
@@ -76,16 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         f" {'x mp.Queue':>10} {'x floor':>8} {'p99 us':>8}"
     )
     for payload, impls in p50s.items():
-        base = statistics.median(impls[MP_QUEUE]) if MP_QUEUE in impls else None
-        floor = statistics.median(impls[FLOOR]) if FLOOR in impls else None
         for name, values in impls.items():
             med = statistics.median(values)
-            vs_mp = f"{med / base:10.2f}" if base else f"{'-':>10}"
-            vs_floor = f"{med / floor:8.2f}" if floor and name != FLOOR else f"{'':>8}"
             p99 = statistics.median(p99s[payload][name])
             print(
-                f"{payload:<13} {name:<30} {len(values):>4} {med:>8.1f} {vs_mp} {vs_floor}"
-                f" {p99:>8.1f}"
+                f"{payload:<13} {name:<30} {len(values):>4} {med:>8.1f}"
+                f" {_ratios(med, impls, name)} {p99:>8.1f}"
             )
     return 0
 
