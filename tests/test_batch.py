@@ -456,17 +456,10 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
 
 @pytest.mark.parametrize(
     "kind",
-    [
-        "pipeq",
-        pytest.param(
-            "stdlib",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="deliberate difference: the stdlib's get() loses a message whose "
-                "unpickling a signal handler interrupts",
-            ),
-        ),
-    ],
+    workers.kinds(
+        "the stdlib's get() loses a message whose unpickling a signal handler interrupts",
+        strict=True,
+    ),
 )
 def test_handler_raising_inside_unpickling_keeps_the_message(kind: str) -> None:
     """A KeyboardInterrupt from a handler that runs inside a message's own

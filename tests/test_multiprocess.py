@@ -229,17 +229,11 @@ def test_payload_sizes(ctx: BaseContext, children: Children, direction: str) -> 
 
 @pytest.mark.parametrize(
     "kind",
-    [
-        "pipeq",
-        pytest.param(
-            "stdlib",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="deliberate difference: the stdlib's put() leaves the item to a "
-                "feeder thread, which os._exit() kills before it writes",
-            ),
-        ),
-    ],
+    workers.kinds(
+        "the stdlib's put() leaves the item to a feeder thread, which os._exit() kills "
+        "before it writes",
+        strict=False,
+    ),
 )
 def test_forked_child_put_then_exit(forked: Forked, kind: str) -> None:
     # Bare os.fork(), so no start method is involved.
@@ -306,18 +300,11 @@ def _seed_scenario(q: Any, forked: Forked, put_before_fork: bool, child_wait: fl
 
 @pytest.mark.parametrize(
     "kind",
-    [
-        "pipeq",
-        pytest.param(
-            "stdlib",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="deliberate difference: the stdlib's feeder thread, started by the "
-                "put() before fork(), does not exist in the child, so the child's item "
-                "is never sent",
-            ),
-        ),
-    ],
+    workers.kinds(
+        "the stdlib's feeder thread, started by the put() before fork(), does not exist "
+        "in the child, so the child's item is never sent",
+        strict=True,
+    ),
 )
 def test_seed_put_before_fork(forked: Forked, kind: str) -> None:
     q: Any = pipeq.Queue() if kind == "pipeq" else multiprocessing.get_context().Queue()
@@ -367,17 +354,10 @@ def test_small_items_before_any_consumer(ctx: BaseContext, children: Children) -
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
 @pytest.mark.parametrize(
     "kind",
-    [
-        "pipeq",
-        pytest.param(
-            "stdlib",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="deliberate difference: a stdlib consumer killed inside get() "
-                "leaves the queue's read lock held forever",
-            ),
-        ),
-    ],
+    workers.kinds(
+        "a stdlib consumer killed inside get() leaves the queue's read lock held forever",
+        strict=False,
+    ),
 )
 def test_consumer_killed_while_waiting(ctx: BaseContext, children: Children, kind: str) -> None:
     if kind == "pipeq":

@@ -33,6 +33,15 @@ class Point:
     label: str = ""
 
 
+def kinds(reason: str, strict: bool) -> list[Any]:
+    """Parameters "pipeq" and "stdlib" for a test of a deliberate difference:
+    the stdlib variant is an xfail that gives the reason."""
+    import pytest  # here, not at the top: children import this module
+
+    mark = pytest.mark.xfail(strict=strict, reason=f"deliberate difference: {reason}")
+    return ["pipeq", pytest.param("stdlib", marks=mark)]
+
+
 def call_with_timeout(fn: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
     """fn() in a daemon thread: its result or exception, or a failure if it hangs."""
     outcome: list[Any] = []
