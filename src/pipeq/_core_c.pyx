@@ -210,6 +210,7 @@ cdef uint32_t GROUP_BYTES = _shm.GROUP_BYTES
 cdef uint8_t KNOWN_FLAGS = FLAG_OOB | FLAG_RAW | FLAG_GROUP
 cdef uint8_t VERSION = _shm.VERSION
 cdef Py_ssize_t OOB_MIN = _shm.OOB_MIN
+cdef uint64_t WRITE_SLICE = _shm.WRITE_SLICE
 cdef uint64_t MAX_BODY = _shm.MAX_BODY
 
 cdef size_t SHM_SIZE = _shm.SHM_SIZE
@@ -1179,8 +1180,12 @@ cdef class Channel:
         cdef uint8_t *shm = self._shm
         cdef ssize_t n
         cdef int err, i = 0, cnt, k
-        cdef uint64_t pos, want
+        cdef uint64_t pos, want, limit = 0
+        cdef size_t cut_len = 0
+        cdef int cut
         cdef bint ok = False
+        if frame and pq_load(shm + O_WR_END) > <uint64_t>self.capacity:
+            limit = WRITE_SLICE  # streamed: see _shm.WRITE_SLICE
         try:
             while i < niov:
                 cnt = niov - i
@@ -1188,8 +1193,18 @@ cdef class Channel:
                     cnt = IOV_CAP
                 pos = pq_load(shm + O_WR_POS)
                 want = 0
+                cut = -1
                 for k in range(i, i + cnt):
                     want += iov[k].iov_len
+                    if limit and want > limit:
+                        # This write ends inside iov[k]: shorten it for the
+                        # call, and give it back its length after.
+                        cut = k
+                        cut_len = iov[k].iov_len
+                        iov[k].iov_len -= want - limit
+                        want = limit
+                        cnt = k - i + 1
+                        break
                 with nogil:
                     # Both stores are as close to the syscall as C allows, so
                     # that a SIGKILL leaves WR_POS exact, or at worst inside
@@ -1200,6 +1215,8 @@ cdef class Channel:
                     if n >= 0:
                         pq_store(shm + O_WR_POS, pos + <uint64_t>n)
                     pq_store(shm + O_WR_TRY, pq_load(shm + O_WR_POS))
+                if cut >= 0:
+                    iov[cut].iov_len = cut_len
                 if n >= 0:
                     i = _advance(iov, niov, i, n)
                     if i < niov:

@@ -250,6 +250,16 @@ def _advance(iov: list[memoryview], i: int, n: int) -> int:
     return i
 
 
+def _head(part: list[memoryview], limit: int) -> list[memoryview]:
+    """The first `limit` bytes of part (all of it if it is shorter)."""
+    total = 0
+    for k, v in enumerate(part):
+        total += len(v)
+        if total > limit:
+            return [*part[:k], v[: len(v) - (total - limit)]]
+    return part
+
+
 def _fionread(fd: int) -> int:
     """Bytes waiting in the pipe, or -1."""
     try:
@@ -708,11 +718,15 @@ class Channel:
         stopped after its first byte is left as debt for the next lock holder;
         one stopped before it is taken back."""
         wr_pos, wr_try = self._wr_pos, self._wr_try
+        # A frame larger than the pipe is streamed: see _shm.WRITE_SLICE.
+        limit = _shm.WRITE_SLICE if frame and self._wr_end.value > self._capacity else 0
         ok = False
         try:
             i = 0
             while i < len(iov):
                 part = iov[i : i + IOV_CAP]
+                if limit:
+                    part = _head(part, limit)
                 # A kill between the write and the store below leaves the
                 # true position in [WR_POS, WR_TRY], for _settle to resolve.
                 wr_try.value = wr_pos.value + sum(v.nbytes for v in part)

@@ -31,6 +31,14 @@ MARK_CONT = 0xA7
 MARK_COMMIT = 0xC3
 MARK_TORN = 0x5A
 OOB_MIN = 16 * 1024  # smaller pickle buffers are copied in band
+# A frame larger than the pipe is streamed into it by writes of at most this
+# many bytes.  A write as large as the pipe fills it, and the writer sleeps
+# until the reader has drained it, then the reader sleeps until it is full
+# again: two context switches a pipe's worth.  Smaller writes keep both sides
+# running, the reader taking bytes out while the writer goes on (1 MiB numpy
+# arrays on a 1 MiB pipe, 1x1: 2.0 -> 0.6 context switches and about 15%
+# more messages a second).  It changes nothing on the wire.
+WRITE_SLICE = 256 * 1024
 MAX_BODY = 1 << 48  # no sane frame is larger; a bigger length means garbage
 
 
