@@ -1,9 +1,11 @@
 /* The pipe's own floor for bench/run.py: pipeq-sized frames, no pickling, no locks.
  *
- *   floor throughput BODY COUNT PIPE_SIZE
+ *   floor throughput BODY COUNT PIPE_SIZE [WRITE_SIZE]
  *       A child writes COUNT frames (16-byte header + BODY bytes) into one
- *       pipe; this process reads each header, then its body.  Prints the
- *       seconds from the barrier release to the last body read.
+ *       pipe, each by one write(), or by writes of at most WRITE_SIZE bytes
+ *       (pipeq streams a frame larger than the pipe so); this process reads
+ *       each header, then its body.  Prints the seconds from the barrier
+ *       release to the last body read.
  *   floor pingpong BODY COUNT PIPE_SIZE
  *       This process sends a frame on one pipe, a child echoes it on a second
  *       pipe.  Prints each round trip in nanoseconds, one a line.
@@ -31,10 +33,13 @@ static void die(const char *what)
     exit(2);
 }
 
+/* At most this many bytes a write(); 0 for no limit. */
+static size_t write_size;
+
 static void write_all(int fd, const uint8_t *p, size_t n)
 {
     while (n > 0) {
-        ssize_t k = write(fd, p, n);
+        ssize_t k = write(fd, p, write_size && n > write_size ? write_size : n);
         if (k < 0) {
             if (errno == EINTR)
                 continue;
@@ -193,10 +198,13 @@ static void pingpong(size_t body, long count, long pipe_size)
 
 int main(int argc, char **argv)
 {
-    if (argc != 5) {
-        fprintf(stderr, "usage: floor throughput|pingpong BODY COUNT PIPE_SIZE\n");
+    if (argc != 5 && !(argc == 6 && strcmp(argv[1], "throughput") == 0)) {
+        fprintf(stderr, "usage: floor throughput BODY COUNT PIPE_SIZE [WRITE_SIZE]\n"
+                        "       floor pingpong BODY COUNT PIPE_SIZE\n");
         return 2;
     }
+    if (argc == 6)
+        write_size = (size_t)strtoull(argv[5], NULL, 10);
     size_t body = (size_t)strtoull(argv[2], NULL, 10);
     long count = strtol(argv[3], NULL, 10);
     long pipe_size = strtol(argv[4], NULL, 10);

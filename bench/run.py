@@ -12,6 +12,9 @@ One command compares, in one run on one machine:
                               that fails, os.write/os.read in Python (CC=false forces
                               it). One producer and one consumer only: a pipe without
                               locks cannot share frames between readers or writers.
+  floor (C, 256 KiB writes)   the same C floor writing each frame by writes of at most
+                              256 KiB, as pipeq streams a frame larger than the pipe;
+                              run only for such frames (for the others it is the floor)
 
 Suites
   sweep    payloads int, 100 B, a small dict, 4 KiB, 64 KiB and 1 MiB bytes, 1 MiB and
@@ -401,6 +404,10 @@ class Impl:
 MP_QUEUE = "mp.Queue"
 C_FLOOR = "floor (C)"
 PY_FLOOR = "floor (Python)"
+# pipeq streams a frame larger than the pipe by writes of at most this many
+# bytes (src/pipeq/_shm.py, WRITE_SLICE); this floor writes the same way.
+SLICED_WRITE = 256 * 1024
+C_FLOOR_SLICED = "floor (C, 256 KiB writes)"
 
 
 def _registry() -> tuple[dict[str, Impl], list[str]]:
@@ -448,6 +455,7 @@ def _registry() -> tuple[dict[str, Impl], list[str]]:
     # The C floor is measured by bench/floor.c, not by the workers below.
     impls += [
         Impl(C_FLOOR, _make_raw, floor=True),
+        Impl(C_FLOOR_SLICED, _make_raw, floor=True),
         Impl(PY_FLOOR, _make_raw, floor=True),
     ]
     return {i.name: i for i in impls}, notes
@@ -686,11 +694,11 @@ class Settings:
         return Capacity(self.pipe, pickled)
 
 
-def run_floor_exe(s: Settings, mode: str, body: int, count: int) -> str:
+def run_floor_exe(s: Settings, mode: str, body: int, count: int, *extra: str) -> str:
     assert s.floor_exe is not None
     try:
         done = subprocess.run(
-            [s.floor_exe, mode, str(body), str(count), str(s.pipe)],
+            [s.floor_exe, mode, str(body), str(count), str(s.pipe), *extra],
             capture_output=True,
             text=True,
             timeout=s.timeout,
@@ -707,6 +715,9 @@ def throughput_trial(impl: Impl, wl: Workload, s: Settings) -> float:
     """Seconds from the barrier release to the last consumer's last item."""
     if impl.name == C_FLOOR:
         return float(run_floor_exe(s, "throughput", frame_body(wl.pickled), wl.items))
+    if impl.name == C_FLOOR_SLICED:
+        out = run_floor_exe(s, "throughput", frame_body(wl.pickled), wl.items, str(SLICED_WRITE))
+        return float(out)
     q = impl.make(s.ctx, s.capacity(wl.pickled))
     start = s.ctx.Barrier(wl.producers + wl.consumers)
     done = s.ctx.Barrier(wl.producers + 1)
@@ -904,12 +915,18 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _measures(impl: Impl, wl: Workload, s: Settings) -> bool:
+    """Whether impl runs workload wl: a floor runs 1x1 only, the sliced one only
+    for frames larger than the pipe (it writes the others as the floor does)."""
+    if impl.name == C_FLOOR_SLICED:
+        return wl.shape == "1x1" and frame_size(wl.pickled) > s.pipe
+    return not impl.floor or wl.shape == "1x1"
+
+
 def run_throughput(
     workloads: list[Workload], impls: list[Impl], repeat: int, s: Settings
 ) -> list[ThroughputResult]:
-    cases = [
-        (wl, impl) for wl in workloads for impl in impls if not impl.floor or wl.shape == "1x1"
-    ]
+    cases = [(wl, impl) for wl in workloads for impl in impls if _measures(impl, wl, s)]
     results = [ThroughputResult(wl, impl.name, s.capacity(wl.pickled).items) for wl, impl in cases]
     for rnd in range(1, repeat + 1):
         for k, ((wl, impl), res) in enumerate(zip(cases, results, strict=True), 1):
@@ -947,7 +964,7 @@ def run_latency(
 ) -> list[LatencyResult]:
     n = max(10, round(mode.round_trips * scale))
     cases = [(payload, pickled, impl) for payload, pickled in payloads for impl in impls]
-    cases = [c for c in cases if not c[2].batched]
+    cases = [c for c in cases if not c[2].batched and c[2].name != C_FLOOR_SLICED]
     results = [LatencyResult(payload, pickled, impl.name, n) for payload, pickled, impl in cases]
     p50s: list[list[float]] = [[] for _ in cases]
     p99s: list[list[float]] = [[] for _ in cases]
@@ -1364,7 +1381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "pure Python os.write/os.readv: framed bytes, no pickling, no locks "
                 f"(no C floor: {why})"
             )
-        impls = [i for i in IMPLS.values() if not i.floor or i.name == floor_name]
+        floors = [floor_name] + ([C_FLOOR_SLICED] if floor_name == C_FLOOR else [])
+        impls = [i for i in IMPLS.values() if not i.floor or i.name in floors]
         if args.only:
             impls = [i for i in impls if any(o in i.name for o in args.only)]
         s = Settings(
