@@ -209,6 +209,48 @@ def test_roundtrip_numpy_out_of_band(new: Callable[..., Any]) -> None:
     assert got[1].flags.writeable and got[2].flags.f_contiguous
 
 
+@pytest.mark.parametrize("shift", [-1, 0, 1])
+def test_streamed_frame_cut_into_write_slices(new: Callable[..., Any], shift: int) -> None:
+    """A frame larger than the pipe goes in by writes of at most WRITE_SLICE
+    bytes, which end inside the header, the pickle, a buffer or a marker as
+    the parts fall; the frame arrives whole, and so do those after it."""
+    np = pytest.importorskip("numpy")
+    ch = new()
+    step = _shm.WRITE_SLICE
+    n = 2 * ch.capacity // step + 3  # more than the pipe holds
+    arrays = tuple(np.full(step + shift * (k + 1), k, dtype=np.uint8) for k in range(n))
+    objs = [arrays, b"\x05" * (ch.capacity + step + shift), "after"]
+    got = roundtrip(ch, ch, objs)
+    assert len(got[0]) == n and all(same(g, a) for g, a in zip(got[0], arrays, strict=True))
+    assert got[1:] == objs[1:]
+    assert ch.qsize() == 0 and pipe_bytes(ch) == 0
+
+
+def test_pure_writer_streams_by_write_slices(opened: list[Any]) -> None:
+    """What the compiled core does too (its writev cannot be watched from
+    here): every write of a frame larger than the pipe asks for at most
+    WRITE_SLICE bytes, and together they write the frame."""
+    ch = _core_py.Channel()
+    opened.append(ch)
+    big = b"\x07" * (3 * ch.capacity + 11)
+    writes: list[tuple[int, int]] = []
+    real = os.writev
+
+    def writev(fd: int, buffers: Any) -> int:
+        n = real(fd, buffers)
+        if fd == ch._wfd:
+            writes.append((sum(len(b) for b in buffers), n))
+        return n
+
+    os.writev = writev
+    try:
+        assert roundtrip(ch, ch, [big]) == [big]
+    finally:
+        os.writev = real
+    assert max(asked for asked, _ in writes) == _shm.WRITE_SLICE
+    assert sum(n for _, n in writes) == _shm.wire_size(len(big))
+
+
 def test_get_empty_timeout(new: Callable[..., Any]) -> None:
     ch = new()
     for timeout in (0, -1, SHORT):

@@ -10,7 +10,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndS
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport UINT64_MAX, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
 import copyreg
@@ -1180,7 +1180,7 @@ cdef class Channel:
         cdef uint8_t *shm = self._shm
         cdef ssize_t n
         cdef int err, i = 0, cnt, k
-        cdef uint64_t pos, want, limit = 0
+        cdef uint64_t pos, want, limit = UINT64_MAX
         cdef size_t cut_len = 0
         cdef int cut
         cdef bint ok = False
@@ -1193,18 +1193,21 @@ cdef class Channel:
                     cnt = IOV_CAP
                 pos = pq_load(shm + O_WR_POS)
                 want = 0
-                cut = -1
                 for k in range(i, i + cnt):
                     want += iov[k].iov_len
-                    if limit and want > limit:
-                        # This write ends inside iov[k]: shorten it for the
-                        # call, and give it back its length after.
-                        cut = k
-                        cut_len = iov[k].iov_len
-                        iov[k].iov_len -= want - limit
-                        want = limit
-                        cnt = k - i + 1
-                        break
+                cut = -1
+                if want > limit:
+                    # This write ends inside iov[cut]: shorten that entry for
+                    # the call, and give it back its length after.
+                    want = 0
+                    cut = i
+                    while want + iov[cut].iov_len < limit:
+                        want += iov[cut].iov_len
+                        cut += 1
+                    cut_len = iov[cut].iov_len
+                    iov[cut].iov_len = limit - want
+                    want = limit
+                    cnt = cut - i + 1
                 with nogil:
                     # Both stores are as close to the syscall as C allows, so
                     # that a SIGKILL leaves WR_POS exact, or at worst inside
