@@ -989,6 +989,86 @@ def test_writer_killed_inside_a_group_write(
     assert roundtrip(writer, reader, later) == later
 
 
+def _flood(ch: Any, stop: Any) -> None:
+    """In a forked child: put small frames as fast as ch takes them until stop[0]."""
+    while not stop[0]:
+        try:
+            ch.put_many([b"x" * 2000] * 50, timeout=0.5)
+        except queue.Full:
+            pass
+
+
+def _drain(ch: Any, stop: Any) -> None:
+    """In a forked child: get slowly, so that the flood keeps the pipe nearly full."""
+    while not stop[0]:
+        try:
+            ch.get_many(200, timeout=0.1)
+        except queue.Empty:
+            pass
+        time.sleep(0.0005)
+
+
+@pytest.mark.parametrize("share", [4, 2, 1.02], ids=["quarter", "half", "nearly-all"])
+def test_frame_that_fits_is_not_starved_by_smaller_ones(
+    new: Callable[..., Any], share: float, forked: Forked
+) -> None:
+    """A frame that fits in the pipe is begun only once it fits whole.  With
+    other writers keeping the pipe nearly full it would wait for ever, the
+    room it waited for taken each time by smaller frames; once that has
+    happened it waits for the room holding the write lock, and goes in."""
+    ch = new()
+    stop = multiprocessing.Array("q", 1, lock=False)  # shared with forked children
+    pids = [forked.fork(lambda: _flood(ch, stop)), forked.fork(lambda: _drain(ch, stop))]
+    try:
+        wait_until(lambda: pipe_bytes(ch) > ch.capacity // 2, "the flood filled the pipe")
+        big = b"y" * (int(ch.capacity / share) - 64)  # its frame fits in the pipe
+        for _ in range(3):
+            ch.put(big, timeout=TIMEOUT)
+    finally:
+        stop[0] = 1
+    for pid in pids:
+        forked.wait_ok(pid)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs robust mutexes")
+@pytest.mark.parametrize("end", ["drained", "killed"])
+def test_writer_waiting_for_room_holds_the_lock(
+    new: Callable[..., Any], end: str, forked: Forked
+) -> None:
+    """A writer whose frame fits in the pipe waits for its room holding the
+    write lock.  put(timeout=0) of a small frame, which has room, does not
+    wait for such a holder (it would for one writing); and a holder killed
+    in that wait leaves the queue working, nothing of its frame sent."""
+    ch = new()
+    probe = twin(ch, "py")  # reads the shared page's counters
+    item = make_payload("bytes", 4000)
+    while pipe_bytes(ch) < ch.capacity - 100_000:
+        ch.put(item, timeout=TIMEOUT)
+    n = ch.qsize()
+    big = make_payload("bytes", 200_000)
+    writer = forked.fork(lambda: ch.put(big, timeout=CHILD_TIMEOUT))
+    try:
+        wait_until(lambda: probe._wr_hold.value != 0, "the writer waits for room")
+        start = time.monotonic()
+        with pytest.raises(queue.Full):
+            ch.put("small", 0)
+        assert time.monotonic() - start < 1.5  # the lock's grace is 5 s
+        if end == "killed":
+            os.kill(writer, signal.SIGKILL)
+            os.waitpid(writer, 0)
+            forked.pids.discard(writer)
+    finally:
+        probe.close()
+    got = [ch.get(timeout=TIMEOUT) for _ in range(n)]
+    assert got == [item] * n
+    if end == "drained":
+        assert ch.get(timeout=TIMEOUT) == big
+        forked.wait_ok(writer)
+    ch.put("after", timeout=TIMEOUT)
+    assert ch.get(timeout=TIMEOUT) == "after"
+    assert ch.qsize() == 0 and pipe_bytes(ch) == 0
+
+
 def _hold_write_lock(ch: Any, held: threading.Event, seconds: float) -> threading.Thread:
     """A thread that holds ch's write lock (through a pure-core twin) for a while."""
     probe = twin(ch, "py")

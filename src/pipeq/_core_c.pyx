@@ -235,6 +235,7 @@ cdef size_t O_LOST = _shm.O_LOST
 cdef size_t O_DONE = _shm.O_DONE
 cdef size_t O_JOINERS = _shm.O_JOINERS
 cdef size_t O_WR_CNT = _shm.O_WR_CNT
+cdef size_t O_WR_HOLD = _shm.O_WR_HOLD
 
 # Lock waits are sliced so that signal handlers run while a lock is awaited.
 cdef int64_t LOCK_SLICE_NS = 50_000_000
@@ -1037,11 +1038,8 @@ cdef class Channel:
         # timeout never cuts it; only a frame larger than the pipe is streamed
         # (holding the write lock) and can be left unfinished.
         cdef bint sized = total > <uint64_t>PIPE_BUF and total <= <uint64_t>self.capacity
-        # Whether the frame has been tried once.  Room for a sized frame is
-        # decided under the write lock, by _begin_frame; it is looked at
-        # before the lock too (one FIONREAD more) only after a try, which
-        # found no room or was turned back, to wait for it there.
-        cdef bint tried = False
+        # Room for a sized frame is decided, and waited for, under the write
+        # lock, by _begin_frame.
         while True:
             if self.maxsize > 0 and self._count() + <int64_t>count > self.maxsize:
                 if count > 1:
@@ -1049,11 +1047,6 @@ cdef class Channel:
                 if not self._wait_room(deadline):
                     raise queue.Full
                 continue
-            if tried and sized and not self._has_room(total):
-                if not self._wait_space(total, deadline):
-                    raise queue.Full
-                continue
-            tried = True
             if self._lock_writer(deadline, total) == TIMED_OUT:
                 raise queue.Full
             try:
@@ -1087,7 +1080,8 @@ cdef class Channel:
             st = self._lock(O_WLOCK, deadline if deadline > now else now + LOCK_SLICE_NS)
             if st != TIMED_OUT:
                 return st
-            if not self._has_room(room) or pq_now_ns() >= deadline + LOCK_GRACE_NS:
+            if (not self._has_room(room) or pq_load(self._shm + O_WR_HOLD)
+                    or pq_now_ns() >= deadline + LOCK_GRACE_NS):
                 return TIMED_OUT
 
     cdef int _begin_frame(self, uint8_t *hdr, iovec *iov, int niov, uint64_t total,
@@ -1096,6 +1090,8 @@ cdef class Channel:
         wait for (not holding the lock) before trying again."""
         cdef uint8_t *shm = self._shm
         cdef int r
+        if pq_load(shm + O_WR_HOLD):
+            pq_store(shm + O_WR_HOLD, 0)  # left by a writer killed in that wait
         if pq_load(shm + O_WR_END):
             if not _parity(pq_load(shm + O_WR_BASE), pq_load(shm + O_PUTS)):
                 # Its writer was killed after recording the frame and before
@@ -1109,7 +1105,15 @@ cdef class Channel:
         if self.maxsize > 0 and self._count() + <int64_t>count > self.maxsize:
             return PUT_AGAIN  # another producer took the last slot
         if sized and not self._has_room(total):
-            return PUT_AGAIN
+            # Wait for the room here, holding the lock: room waited for
+            # without it can be taken, each time, by smaller frames that
+            # other writers keep putting.  Here they queue behind this one.
+            pq_store(shm + O_WR_HOLD, total)
+            try:
+                if not self._wait_space(total, deadline):
+                    raise queue.Full
+            finally:
+                pq_store(shm + O_WR_HOLD, 0)
         # The last frame is over: its bytes join WR_BASE before WR_POS is
         # reset (skipped if a writer killed here already moved it).
         if _parity(pq_load(shm + O_WR_BASE), pq_load(shm + O_PUTS)):

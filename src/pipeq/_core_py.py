@@ -392,7 +392,7 @@ class Channel:
         "_capacity", "_closed", "_mm", "_page", "_wlock", "_rlock", "_tlock", "_puts",
         "_gets", "_wr_pos", "_wr_end", "_wr_try", "_waiters", "_rd_pos", "_rd_hdr",
         "_marker", "_lost", "_done", "_joiners", "_stall_ns", "_wr_base", "_rd_try", "_rd_base",
-        "_wr_cnt", "_rd_cnt",
+        "_wr_cnt", "_rd_cnt", "_wr_hold",
     )  # fmt: skip
 
     def __init__(self, maxsize: int = 0, joinable: bool = False) -> None:
@@ -430,6 +430,7 @@ class Channel:
         self._done = ctypes.c_uint64.from_buffer(self._mm, _shm.O_DONE)
         self._joiners = ctypes.c_uint64.from_buffer(self._mm, _shm.O_JOINERS)
         self._wr_cnt = ctypes.c_uint64.from_buffer(self._mm, _shm.O_WR_CNT)
+        self._wr_hold = ctypes.c_uint64.from_buffer(self._mm, _shm.O_WR_HOLD)
         self._rd_cnt = ctypes.c_uint64.from_buffer(self._mm, _shm.O_RD_CNT)
         self._rd_hdr = self._page[_shm.O_RD_HDR : _shm.O_RD_HDR + HDR]
         self._marker = bytearray(1)  # used only under the read lock
@@ -577,16 +578,14 @@ class Channel:
     def _put_frame(self, hdr: bytes, iov: list[memoryview], total: int, deadline: int) -> None:
         # A frame that fits in the pipe is begun only once it fits whole, so a
         # timeout never cuts it; only a frame larger than the pipe is streamed
-        # (holding the write lock) and can be left unfinished.
+        # (holding the write lock) and can be left unfinished.  Room for a
+        # sized frame is decided, and waited for, under the write lock, by
+        # _begin_frame.
         sized = PIPE_BUF < total <= self._capacity
         maxsize = self._maxsize
         while True:
             if maxsize > 0 and self._count() >= maxsize:
                 if not self._wait_room(deadline):
-                    raise queue.Full
-                continue
-            if sized and not self._has_room(total):
-                if not self._wait_space(total, deadline):
                     raise queue.Full
                 continue
             if self._lock_writer(deadline, total) == TIMED_OUT:
@@ -620,7 +619,11 @@ class Channel:
             st = self._lock(self._wlock, deadline if deadline > now else now + LOCK_SLICE_NS)
             if st != TIMED_OUT:
                 return st
-            if not self._has_room(room) or time.monotonic_ns() >= deadline + LOCK_GRACE_NS:
+            if (
+                not self._has_room(room)
+                or self._wr_hold.value
+                or time.monotonic_ns() >= deadline + LOCK_GRACE_NS
+            ):
                 return TIMED_OUT
 
     def _begin_frame(
@@ -628,6 +631,8 @@ class Channel:
     ) -> int:
         """Holding the write lock: write the frame.  PUT_DONE, or what to
         wait for (not holding the lock) before trying again."""
+        if self._wr_hold.value:
+            self._wr_hold.value = 0  # left by a writer killed in that wait
         if self._wr_end.value:
             if not _parity(self._wr_base.value, self._puts.value):
                 # Its writer was killed after recording the frame and before
@@ -641,7 +646,15 @@ class Channel:
         if self._maxsize > 0 and self._count() >= self._maxsize:
             return PUT_AGAIN  # another producer took the last slot
         if sized and not self._has_room(total):
-            return PUT_AGAIN
+            # Wait for the room here, holding the lock: room waited for
+            # without it can be taken, each time, by smaller frames that
+            # other writers keep putting.  Here they queue behind this one.
+            self._wr_hold.value = total
+            try:
+                if not self._wait_space(total, deadline):
+                    raise queue.Full
+            finally:
+                self._wr_hold.value = 0
         # The last frame is over: its bytes join WR_BASE before WR_POS is
         # reset (skipped if a writer killed here already moved it).
         if _parity(self._wr_base.value, self._puts.value):

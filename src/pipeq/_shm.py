@@ -141,6 +141,11 @@ O_JOINERS = 200  # u64, processes waiting in join(); under the task lock
 # the pipe takes whole or not at all.  PUTS counts them all in one store;
 # the count is odd so that WR_BASE's parity bit still tells whether it did.
 O_WR_CNT = 208
+# u64: the wire size of a frame that fits in the pipe whose writer holds the
+# write lock while it waits for room for it, or 0.  Writers that find the
+# lock taken do not wait past their deadline for such a holder.  A writer
+# killed in that wait leaves it set until the next writer takes the lock.
+O_WR_HOLD = 216
 O_WLOCK = 256
 O_RLOCK = 384
 O_TLOCK = 512
