@@ -48,6 +48,16 @@ class QueueFactory:
             q.join_thread()
 
 
+@pytest.fixture(autouse=True)
+def _pipe_only(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test marked pipe_only is about frames in the pipe (a put() that
+    blocks on a full pipe, a frame larger than the pipe cut short): its
+    queues are made with no ring, so that large items go through the pipe.
+    (Autouse fixtures run first, so this is set before any queue is made.)"""
+    if request.node.get_closest_marker("pipe_only"):
+        monkeypatch.setenv("PIPEQ_RING_SIZE", "0")
+
+
 @pytest.fixture(params=["pipeq", "stdlib"])
 def make_queue(request: pytest.FixtureRequest) -> Iterator[QueueFactory]:
     factory = QueueFactory(request.param)

@@ -353,6 +353,7 @@ def put_small_then_big(q: Any, size: int) -> None:
     q.put("after", timeout=CHILD_TIMEOUT)
 
 
+@pytest.mark.pipe_only
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_get_many_interrupted_hands_over_what_it_read(
     q: pipeq.Queue[Any], children: Children

@@ -87,6 +87,7 @@ def test_pipe_capacity_at_least_default(q: pipeq.Queue[Any]) -> None:
     assert q.pipe_capacity >= 65536
 
 
+@pytest.mark.pipe_only
 def test_item_larger_than_pipe_with_no_reader_times_out(q: pipeq.Queue[Any]) -> None:
     # The documented trade-off: put() blocks when the pipe is full, and with
     # a timeout raises Full; the item is then not delivered.

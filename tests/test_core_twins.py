@@ -168,6 +168,7 @@ def test_roundtrip_bytearray_and_bytes_subclass(new: Callable[..., Any], size: i
     assert type(got[1]) is BytesSub and got[1] == objs[1]
 
 
+@pytest.mark.pipe_only
 @pytest.mark.parametrize("how", ["put", "put_many"])
 @pytest.mark.parametrize("size", [_shm.OOB_MIN - 1, _shm.OOB_MIN, 100_000])
 def test_large_bytearray_travels_out_of_band(new: Callable[..., Any], size: int, how: str) -> None:
@@ -226,6 +227,7 @@ def test_streamed_frame_cut_into_write_slices(new: Callable[..., Any], shift: in
     assert ch.qsize() == 0 and pipe_bytes(ch) == 0
 
 
+@pytest.mark.pipe_only
 def test_pure_writer_streams_by_write_slices(opened: list[Any]) -> None:
     """What the compiled core does too (its writev cannot be watched from
     here): every write of a frame larger than the pipe asks for at most
@@ -302,6 +304,7 @@ def test_unbounded(new: Callable[..., Any], maxsize: int) -> None:
     assert ch.capacity >= _shm.DEFAULT_PIPE_SIZE
 
 
+@pytest.mark.pipe_only
 def test_pipe_full_raises_full_and_keeps_frames_whole(new: Callable[..., Any]) -> None:
     ch = new()
     item = make_payload("bytes", ch.capacity // 5)
@@ -494,6 +497,7 @@ def _abandon(writer: Any) -> None:
     assert pipe_bytes(writer) > 0, "the frame was not begun"
 
 
+@pytest.mark.pipe_only
 @pytest.mark.parametrize("writer_core,reader_core", PAIRS)
 def test_abandoned_frame_dropped_by_reader(
     writer_core: str, reader_core: str, opened: list[Any]
@@ -510,6 +514,7 @@ def test_abandoned_frame_dropped_by_reader(
     assert roundtrip(writer, reader, later) == later
 
 
+@pytest.mark.pipe_only
 @pytest.mark.parametrize("writer_core,reader_core", PAIRS)
 def test_abandoned_frame_partly_paid_by_next_writer(
     writer_core: str, reader_core: str, opened: list[Any]
@@ -546,6 +551,7 @@ def wlock_held(ch: Any) -> bool:
     return True
 
 
+@pytest.mark.pipe_only
 @pytest.mark.parametrize("writer_core,reader_core", PAIRS)
 def test_abandoned_frame_paid_by_next_writer(
     writer_core: str, reader_core: str, opened: list[Any]
@@ -576,6 +582,7 @@ def test_abandoned_frame_paid_by_next_writer(
     assert other.qsize() == 0 and pipe_bytes(other) == 0
 
 
+@pytest.mark.pipe_only
 @pytest.mark.parametrize("writer_core,reader_core", PAIRS)
 def test_abandoned_frame_with_writer_and_reader_racing(
     writer_core: str, reader_core: str, opened: list[Any]
@@ -631,6 +638,7 @@ def test_child_of_other_core_consumes(method: str, creator: str, children: Child
         ch.close()
 
 
+@pytest.mark.pipe_only
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs robust mutexes")
 @pytest.mark.parametrize("reader_core", list(CORES))
 @pytest.mark.parametrize("writer_core", list(CORES))
@@ -803,6 +811,7 @@ def _interrupted_after_syscall(name: str, nth: int) -> Callable[[], None]:
     return lambda: setattr(os, name, real)
 
 
+@pytest.mark.pipe_only
 @pytest.mark.parametrize("nth", [1, 2, 3])
 @pytest.mark.parametrize("reader_core", list(CORES))
 def test_pure_writer_interrupted_just_after_a_write(
@@ -1030,6 +1039,7 @@ def test_frame_that_fits_is_not_starved_by_smaller_ones(
         forked.wait_ok(pid)
 
 
+@pytest.mark.pipe_only
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs robust mutexes")
 @pytest.mark.parametrize("end", ["drained", "killed"])
 def test_writer_waiting_for_room_holds_the_lock(

@@ -83,6 +83,7 @@ def test_sigint_interrupts_a_blocking_get(
     children.join_ok(p)
 
 
+@pytest.mark.pipe_only
 @LINUX_PROC
 @pytest.mark.parametrize("reader", ["reads-after", "stopped-mid-transfer"])
 def test_sigint_in_a_put_larger_than_the_pipe(
@@ -246,6 +247,7 @@ def test_no_reader_left_raises_broken_pipe(ctx: BaseContext, children: Children)
 # -- the stalled put() warning
 
 
+@pytest.mark.pipe_only
 @pytest.mark.parametrize("kind", ["small", "over-pipe-buf", "larger-than-the-pipe"])
 def test_stalled_put_warns_once_and_names_the_capacity(kind: str) -> None:
     # pipeq only: the stdlib's put() never waits for the pipe.

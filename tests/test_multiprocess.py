@@ -383,6 +383,7 @@ def test_consumer_killed_while_waiting(ctx: BaseContext, children: Children, kin
         _close_all(q, acks)
 
 
+@pytest.mark.pipe_only
 @pytest.mark.linux
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs robust mutexes and /proc")
 def test_producer_killed_mid_frame(ctx: BaseContext, children: Children) -> None:
@@ -422,6 +423,7 @@ def test_producer_killed_mid_frame(ctx: BaseContext, children: Children) -> None
         _close_all(q)
 
 
+@pytest.mark.pipe_only
 @pytest.mark.linux
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs robust mutexes")
 def test_producer_killed_right_after_a_write(ctx: BaseContext, children: Children) -> None:

@@ -363,3 +363,11 @@ def put_with_no_reader_left() -> None:
 
 def report_stall_warning(q: Any, results: Any) -> None:
     results.put(q._channel.stall_warning, timeout=CHILD_TIMEOUT)
+
+
+def put_arrays(q: Any, n: int, size: int) -> None:
+    """Put n numpy arrays of size int64 items, the i-th full of i."""
+    import numpy as np
+
+    for i in range(n):
+        q.put(np.full(size, i, dtype=np.int64), timeout=CHILD_TIMEOUT)

@@ -188,6 +188,7 @@ cdef extern from "<time.h>" nogil:
 
 cdef enum:
     HDR = 16
+    RING_REF = 16  # _shm.RING_REF.size
     IOV_CAP = 1024
     SCRATCH = 65536
     TIMED_OUT = 2
@@ -205,12 +206,16 @@ cdef uint8_t MARK_TORN = _shm.MARK_TORN
 cdef uint8_t FLAG_OOB = _shm.FLAG_OOB
 cdef uint8_t FLAG_RAW = _shm.FLAG_RAW
 cdef uint8_t FLAG_GROUP = _shm.FLAG_GROUP
+cdef uint8_t FLAG_RING = _shm.FLAG_RING
 cdef uint32_t GROUP_SHIFT = _shm.GROUP_SHIFT
 cdef uint32_t GROUP_BYTES = _shm.GROUP_BYTES
-cdef uint8_t KNOWN_FLAGS = FLAG_OOB | FLAG_RAW | FLAG_GROUP
+cdef uint8_t KNOWN_FLAGS = FLAG_OOB | FLAG_RAW | FLAG_GROUP | FLAG_RING
 cdef uint8_t VERSION = _shm.VERSION
 cdef Py_ssize_t OOB_MIN = _shm.OOB_MIN
 cdef uint64_t WRITE_SLICE = _shm.WRITE_SLICE
+cdef uint64_t RING_MIN = _shm.RING_MIN
+cdef uint64_t RING_SHARE = _shm.RING_SHARE
+cdef uint64_t RING_LAP = _shm.RING_LAP
 cdef uint64_t MAX_BODY = _shm.MAX_BODY
 
 cdef size_t SHM_SIZE = _shm.SHM_SIZE
@@ -236,6 +241,8 @@ cdef size_t O_DONE = _shm.O_DONE
 cdef size_t O_JOINERS = _shm.O_JOINERS
 cdef size_t O_WR_CNT = _shm.O_WR_CNT
 cdef size_t O_WR_HOLD = _shm.O_WR_HOLD
+cdef size_t O_RING_HEAD = _shm.O_RING_HEAD
+cdef size_t O_RING_TAIL = _shm.O_RING_TAIL
 
 # Lock waits are sliced so that signal handlers run while a lock is awaited.
 cdef int64_t LOCK_SLICE_NS = 50_000_000
@@ -259,6 +266,7 @@ cdef enum:
     PUT_AGAIN = 2
     PUT_PIPE_FULL = 3
     PUT_UNSETTLED = 4
+    PUT_NO_RING = 5
 # Longest single poll(); longer waits loop (poll takes an int of ms).
 cdef int64_t MAX_POLL_MS = 86_400_000
 
@@ -357,6 +365,54 @@ cdef inline void _mark_group(uint8_t *hdr, uint32_t frames, uint32_t size) noexc
     hdr[5] = (nbuf >> 8) & 0xff
     hdr[6] = (nbuf >> 16) & 0xff
     hdr[7] = (nbuf >> 24) & 0xff
+
+
+cdef inline uint64_t _wire_size(uint64_t length) noexcept nogil:
+    return HDR + length + _nchunks(length)
+
+
+cdef int _frame_iov(iovec *iov, uint8_t *hdr, iovec *segs, Py_ssize_t nsegs,
+                    uint64_t length) noexcept:
+    """Fill iov with a frame: the header, the body's segments cut at every
+    CHUNK bytes by a CONT marker, and the COMMIT marker.  The number of
+    entries, at most 2 + nsegs + 2 * _nchunks(length)."""
+    cdef int niov = 1
+    cdef uint64_t filled = 0, take
+    cdef Py_ssize_t i
+    cdef char *base
+    cdef size_t left
+    iov[0].iov_base = hdr
+    iov[0].iov_len = HDR
+    for i in range(nsegs):
+        base = <char *>segs[i].iov_base
+        left = segs[i].iov_len
+        while left:
+            if filled == CHUNK:
+                iov[niov].iov_base = &MARK_CONT
+                iov[niov].iov_len = 1
+                niov += 1
+                filled = 0
+            take = CHUNK - filled
+            if take > left:
+                take = left
+            iov[niov].iov_base = base
+            iov[niov].iov_len = take
+            niov += 1
+            base += take
+            left -= take
+            filled += take
+    iov[niov].iov_base = &MARK_COMMIT
+    iov[niov].iov_len = 1
+    return niov + 1
+
+
+# What a ring frame puts in the ring: nsrc segments, length bytes in all,
+# and where in the frame's body the ring reference to them goes.
+cdef struct RingPut:
+    iovec *src
+    int nsrc
+    uint64_t length
+    uint8_t *ref
 
 
 cdef enum:
@@ -474,6 +530,12 @@ cdef bint _header_ok(const uint8_t *h) noexcept nogil:
     if (h[0] != 0x70 or h[1] != 0x71 or h[2] != VERSION
             or (flags & ~KNOWN_FLAGS) or length > MAX_BODY):
         return False
+    if flags & FLAG_RING:
+        flags &= FLAG_OOB | FLAG_RAW | FLAG_GROUP
+        if flags == FLAG_RAW:
+            return nbuf == 0 and length == RING_REF
+        return (flags == FLAG_OOB and nbuf != 0
+                and RING_REF + (<uint64_t>nbuf) * 8 <= length)
     if flags & FLAG_GROUP:
         frames = nbuf >> GROUP_SHIFT
         return (not (flags & FLAG_OOB) and frames >= 2 and frames % 2 == 0
@@ -639,6 +701,10 @@ cdef class Channel:
     cdef readonly Py_ssize_t maxsize
     cdef readonly Py_ssize_t capacity
     cdef uint8_t *_shm
+    # The ring (see _shm.O_RING_HEAD), mapped with the page; NULL if none.
+    cdef uint8_t *_ring
+    cdef uint64_t _ring_size
+    cdef uint64_t _ring_got  # ring bytes read here; under the read lock
     cdef bint _closed
     cdef int64_t _stall_ns  # a put waiting this long for pipe room warns; -1: never
     # The last get() here left no frame counted in the queue: the next one
@@ -653,6 +719,9 @@ cdef class Channel:
         self._rfd = self._wfd = self._shmfd = self._nrfd = self._nwfd = -1
         self._jrfd = self._jwfd = -1
         self._shm = NULL
+        self._ring = NULL
+        self._ring_size = 0
+        self._ring_got = 0
         self._closed = True
         self._stall_ns = stall_ns(STALL_WARNING_S)
 
@@ -666,9 +735,13 @@ cdef class Channel:
          self._jrfd, self._jwfd) = fds
         cdef int s = self._shmfd
         self.maxsize = maxsize
-        self._shm = <uint8_t *>pq_mmap(s, SHM_SIZE)
+        cdef uint64_t ring = _shm.attached_ring_size(s)
+        self._shm = <uint8_t *>pq_mmap(s, SHM_SIZE + ring)
         if self._shm == NULL:
             _raise_errno(errno)
+        self._ring_size = ring
+        if ring:
+            self._ring = self._shm + SHM_SIZE
         self._closed = False
         cdef int rc
         if fresh:
@@ -691,8 +764,9 @@ cdef class Channel:
     def __dealloc__(self):
         self._close_fds()
         if self._shm != NULL:
-            munmap(self._shm, SHM_SIZE)
+            munmap(self._shm, SHM_SIZE + self._ring_size)
             self._shm = NULL
+            self._ring = NULL
 
     cdef void _close_fds(self) noexcept:
         cdef int fd
@@ -929,7 +1003,7 @@ cdef class Channel:
                 # The lead's header says what follows it (see FLAG_GROUP).
                 _mark_group(b.hdrs + i * HDR, <uint32_t>(k - 1),
                             <uint32_t>(size - HDR - b.length[i] - 1))
-                if self._put_frame(b.hdrs + i * HDR, iov, niov, size, deadline, <uint64_t>k):
+                if self._put_frame(b.hdrs + i * HDR, iov, niov, size, deadline, <uint64_t>k, NULL):
                     i += k
                 # else: the free slots went to another producer; look again.
         except queue.Full:
@@ -942,35 +1016,39 @@ cdef class Channel:
     cdef int _put_parts(self, list parts, Py_ssize_t npickle, uint8_t flags, uint32_t nbuf,
                         int64_t deadline) except -1:
         """Write one frame whose body is parts: the pickle's npickle chunks
-        (or the bytes), then its out-of-band buffers."""
+        (or the bytes), then its out-of-band buffers.  Its large part (the
+        buffers, or the bytes) goes through the ring when it has room."""
         cdef uint8_t hdr[HDR]
+        cdef uint8_t ref[RING_REF]
         # The common frame, one or two parts and no buffers, needs no heap.
         cdef Py_buffer views_s[2]
-        cdef iovec segs_s[3]
+        cdef iovec segs_s[4]
         cdef iovec iov_s[8]
         cdef uint8_t table_s[1]
         cdef Py_buffer *views = views_s
         cdef iovec *segs = segs_s
         cdef iovec *iov = iov_s
         cdef uint8_t *table = table_s
-        cdef Py_ssize_t nviews = 0, nsegs = 0, i
-        cdef uint64_t length = 0, take, filled = 0
+        cdef Py_ssize_t nviews = 0, nsegs = 1, i, rfirst
+        cdef uint64_t length = 0, rlen = 0
         cdef size_t niov_max
-        cdef int niov = 0
-        cdef char *base
-        cdef size_t left
+        cdef int niov
+        cdef RingPut rp
         try:
-            # Body segments: [length table,] pickle or bytes, [buffers...]
+            # segs[0] is the ring reference, for a ring frame only; then the
+            # body: [length table,] pickle or bytes, [buffers...]
             if len(parts) > 2 or nbuf:
                 views = <Py_buffer *>PyMem_Malloc(len(parts) * sizeof(Py_buffer))
-                segs = <iovec *>PyMem_Malloc((len(parts) + 1) * sizeof(iovec))
+                segs = <iovec *>PyMem_Malloc((len(parts) + 2) * sizeof(iovec))
                 table = <uint8_t *>PyMem_Malloc(nbuf * 8 + 1)
                 if views == NULL or segs == NULL or table == NULL:
                     raise MemoryError()
+            segs[0].iov_base = ref
+            segs[0].iov_len = RING_REF
             if nbuf:
-                segs[0].iov_base = table
-                segs[0].iov_len = nbuf * 8
-                nsegs = 1
+                segs[1].iov_base = table
+                segs[1].iov_len = nbuf * 8
+                nsegs = 2
             for part in parts:
                 PyObject_GetBuffer(part, &views[nviews], PyBUF_SIMPLE)
                 segs[nsegs].iov_base = views[nviews].buf
@@ -979,42 +1057,38 @@ cdef class Channel:
                 nsegs += 1
             for i in range(nbuf):
                 _put_u64(table + 8 * i, <uint64_t>views[npickle + i].len)
-            for i in range(nsegs):
+            for i in range(1, nsegs):
                 length += segs[i].iov_len
 
-            # Header, the segments cut at every CHUNK bytes by a CONT marker,
-            # and the COMMIT marker.
             niov_max = 2 + nsegs + 2 * _nchunks(length)
             if niov_max > 8:
                 iov = <iovec *>PyMem_Malloc(niov_max * sizeof(iovec))
                 if iov == NULL:
                     raise MemoryError()
-            iov[0].iov_base = hdr
-            iov[0].iov_len = HDR
-            niov = 1
-            for i in range(nsegs):
-                base = <char *>segs[i].iov_base
-                left = segs[i].iov_len
-                while left:
-                    if filled == CHUNK:
-                        iov[niov].iov_base = &MARK_CONT
-                        iov[niov].iov_len = 1
-                        niov += 1
-                        filled = 0
-                    take = CHUNK - filled
-                    if take > left:
-                        take = left
-                    iov[niov].iov_base = base
-                    iov[niov].iov_len = take
-                    niov += 1
-                    base += take
-                    left -= take
-                    filled += take
-            iov[niov].iov_base = &MARK_COMMIT
-            iov[niov].iov_len = 1
-            niov += 1
+
+            # The ring's part: the buffers, or the bytes.
+            rfirst = nsegs
+            if self._ring != NULL:
+                if nbuf:
+                    rfirst = 2 + npickle
+                elif flags & FLAG_RAW:
+                    rfirst = 1
+                for i in range(rfirst, nsegs):
+                    rlen += segs[i].iov_len
+            if rlen >= RING_MIN and rlen <= self._ring_size // RING_SHARE:
+                rp.src = segs + rfirst
+                rp.nsrc = <int>(nsegs - rfirst)
+                rp.length = rlen
+                rp.ref = ref
+                _fill_header(hdr, flags | FLAG_RING, nbuf, length - rlen + RING_REF)
+                niov = _frame_iov(iov, hdr, segs, rfirst, length - rlen + RING_REF)
+                if self._put_frame(hdr, iov, niov, _wire_size(length - rlen + RING_REF),
+                                   deadline, 1, &rp) != 2:
+                    return 0
+                # The ring had no room: through the pipe, then.
             _fill_header(hdr, flags, nbuf, length)
-            self._put_frame(hdr, iov, niov, HDR + length + _nchunks(length), deadline, 1)
+            niov = _frame_iov(iov, hdr, segs + 1, nsegs - 1, length)
+            self._put_frame(hdr, iov, niov, _wire_size(length), deadline, 1, NULL)
         finally:
             for i in range(nviews):
                 PyBuffer_Release(&views[i])
@@ -1029,10 +1103,12 @@ cdef class Channel:
         return 0
 
     cdef int _put_frame(self, uint8_t *hdr, iovec *iov, int niov, uint64_t total,
-                        int64_t deadline, uint64_t count) except -1:
+                        int64_t deadline, uint64_t count, RingPut *ring) except -1:
         """Write iov: one frame (count 1), or count small frames that
-        together fit in PIPE_BUF bytes.  1 when written; 0 when a bounded
-        queue has no room for count > 1 frames (the caller sends fewer)."""
+        together fit in PIPE_BUF bytes; for a ring frame, ring says what goes
+        into the ring.  1 when written; 0 when a bounded queue has no room
+        for count > 1 frames (the caller sends fewer); 2 when the ring has
+        no room for a ring frame (the caller sends it through the pipe)."""
         cdef int r
         # A frame that fits in the pipe is begun only once it fits whole, so a
         # timeout never cuts it; only a frame larger than the pipe is streamed
@@ -1050,11 +1126,13 @@ cdef class Channel:
             if self._lock_writer(deadline, total) == TIMED_OUT:
                 raise queue.Full
             try:
-                r = self._begin_frame(hdr, iov, niov, total, sized, deadline, count)
+                r = self._begin_frame(hdr, iov, niov, total, sized, deadline, count, ring)
             finally:
                 self._unlock(O_WLOCK)
             if r == PUT_DONE:
                 return 1
+            if r == PUT_NO_RING:
+                return 2
             if r == PUT_UNSETTLED:
                 # A writer was killed inside a write; wait (not holding the
                 # lock) for a reader to drain the pipe and settle where it
@@ -1085,7 +1163,8 @@ cdef class Channel:
                 return TIMED_OUT
 
     cdef int _begin_frame(self, uint8_t *hdr, iovec *iov, int niov, uint64_t total,
-                          bint sized, int64_t deadline, uint64_t count) except -1:
+                          bint sized, int64_t deadline, uint64_t count,
+                          RingPut *ring) except -1:
         """Holding the write lock: write the frame.  PUT_DONE, or what to
         wait for (not holding the lock) before trying again."""
         cdef uint8_t *shm = self._shm
@@ -1114,6 +1193,11 @@ cdef class Channel:
                     raise queue.Full
             finally:
                 pq_store(shm + O_WR_HOLD, 0)
+        if ring != NULL:
+            if total <= <uint64_t>PIPE_BUF and not self._has_room(total):
+                return PUT_PIPE_FULL  # before copying into the ring for nothing
+            if not self._ring_put(ring):
+                return PUT_NO_RING
         # The last frame is over: its bytes join WR_BASE before WR_POS is
         # reset (skipped if a writer killed here already moved it).
         if _parity(pq_load(shm + O_WR_BASE), pq_load(shm + O_PUTS)):
@@ -1126,7 +1210,13 @@ cdef class Channel:
         pq_store(shm + O_WR_CNT, count)
         pq_store(shm + O_WR_END, total)
         pq_store(shm + O_PUTS, pq_load(shm + O_PUTS) + count)
-        r = self._write_iov(iov, niov, deadline, True)
+        r = 0
+        try:
+            r = self._write_iov(iov, niov, deadline, True)
+        finally:
+            if ring != NULL and r != 1 and pq_load(shm + O_WR_END) == 0:
+                # Nothing of the frame went in: nor did its ring data.
+                pq_store(shm + O_RING_HEAD, _get_u64(ring.ref))
         if r == 1:
             pq_store(shm + O_WR_END, 0)
             return PUT_DONE
@@ -1134,6 +1224,46 @@ cdef class Channel:
             raise queue.Full
         # The pipe was full before our first byte and the frame was taken back.
         return PUT_PIPE_FULL
+
+    cdef bint _ring_put(self, RingPut *ring) except -1:
+        """Holding the write lock: copy a ring frame's large part into the
+        ring and fill in the frame's ring reference.  0 if the ring has no
+        room for it."""
+        cdef uint8_t *shm = self._shm
+        cdef uint64_t size = self._ring_size, n = ring.length
+        cdef uint64_t head = pq_load(shm + O_RING_HEAD)
+        cdef uint64_t tail = pq_load(shm + O_RING_TAIL)
+        cdef uint64_t pos, off
+        cdef uint8_t *dst
+        cdef int i
+        if head == tail and head:
+            # Every frame in the ring has been read: start again at 0, on
+            # pages that are warm.  No reader touches RING_TAIL until it has
+            # read a ring frame, and none is in the pipe.
+            pq_store(shm + O_RING_TAIL, 0)
+            pq_store(shm + O_RING_HEAD, 0)
+            head = tail = 0
+        pos = head
+        off = pos % size
+        if off + n > size or (off and n <= RING_LAP and off + n > RING_LAP):
+            # Never across the end, nor past RING_LAP (see _shm.RING_LAP):
+            # to the start of the next lap, which must be free.
+            pos += size - off
+            off = 0
+        if pos + n - tail > size:
+            return 0
+        dst = self._ring + off
+        with nogil:
+            for i in range(ring.nsrc):
+                memcpy(dst, ring.src[i].iov_base, ring.src[i].iov_len)
+                dst += ring.src[i].iov_len
+        _put_u64(ring.ref, pos)
+        _put_u64(ring.ref + 8, n)
+        # Before the frame's first byte: a frame in the pipe always lies
+        # below RING_HEAD.  A writer killed between here and the frame
+        # leaves a gap, freed by the next ring frame read.
+        pq_store(shm + O_RING_HEAD, pos + n)
+        return 1
 
     cdef inline bint _has_room(self, uint64_t total) noexcept:
         cdef int used = pq_fionread(self._rfd)
@@ -1553,13 +1683,14 @@ cdef class Channel:
         if max_messages < 1:
             raise ValueError(f"max_messages must be at least 1, not {max_messages}")
         cdef int64_t deadline = _deadline(timeout)
-        cdef uint64_t base0, before
+        cdef uint64_t base0, before, ring0
         cdef list frames = []
         while True:
             if not self._lock_reader(deadline):
                 raise queue.Empty
             before = pq_load(self._shm + O_GETS)
             base0 = pq_load(self._shm + O_RD_BASE)
+            ring0 = self._ring_got
             try:
                 try:
                     while True:
@@ -1580,7 +1711,7 @@ cdef class Channel:
                         # frames are small enough for the batch to pay.
                         if (len(frames) >= max_messages
                                 or ((pq_load(self._shm + O_RD_BASE) - base0) & (BASE_PARITY - 1))
-                                >= BATCH_BYTES):
+                                + self._ring_got - ring0 >= BATCH_BYTES):
                             break
                 finally:
                     self._unlock_reader(before)
@@ -1753,9 +1884,19 @@ cdef class Channel:
                 return self._read_group(length, flags, nbuf)
             nbuf = 0  # read the lead alone: the rest are frames of their own
         cdef uint8_t *table = NULL
-        cdef uint64_t rest = length, blen
+        cdef uint8_t ref[RING_REF]
+        cdef uint64_t rest = length, blen, rpos = 0, rlen = 0, rleft = 0
         cdef uint32_t i
-        cdef int r
+        cdef int r = SPAN_MORE
+        cdef bint ring = flags & FLAG_RING
+        if ring:
+            r = self._read_span(<char *>ref, RING_REF, length)
+            if r == SPAN_TORN:
+                return self._torn_or_bad(r)
+            rpos = _get_u64(ref)
+            rlen = rleft = _get_u64(ref + 8)
+            self._ring_check(rpos, rlen)
+            rest -= RING_REF
         buffers = None
         try:
             if nbuf:
@@ -1769,36 +1910,81 @@ cdef class Channel:
                 buffers = []
                 for i in range(nbuf):
                     blen = _get_u64(table + 8 * i)
-                    if blen > rest:
-                        raise StreamError("pipeq: buffer table exceeds the frame")
-                    rest -= blen
+                    if ring:
+                        if blen > rleft:
+                            raise StreamError("pipeq: buffer table exceeds the ring data")
+                        rleft -= blen
+                    else:
+                        if blen > rest:
+                            raise StreamError("pipeq: buffer table exceeds the frame")
+                        rest -= blen
                     buffers.append(PyByteArray_FromStringAndSize(NULL, blen))
+                if rleft:
+                    raise StreamError("pipeq: buffer table falls short of the ring data")
         finally:
             PyMem_Free(table)
         # Fresh objects, read into directly: no copy on this side.
-        data = PyBytes_FromStringAndSize(NULL, rest)
-        r = self._read_span(PyBytes_AS_STRING(data), rest, length)
-        if buffers is not None:
+        if ring and flags & FLAG_RAW:
+            data = PyBytes_FromStringAndSize(NULL, rlen)  # filled from the ring
+        else:
+            data = PyBytes_FromStringAndSize(NULL, rest)
+            if r == SPAN_MORE:
+                r = self._read_span(PyBytes_AS_STRING(data), rest, length)
+        if buffers is not None and not ring:
             for buf in buffers:
                 if r != SPAN_MORE:
                     break
                 r = self._read_span(PyByteArray_AS_STRING(buf), len(buf), length)
-        return self._end_frame(r, length, flags, data, buffers if buffers is not None else ())
+        return self._end_frame(r, length, flags, data,
+                               buffers if buffers is not None else (), rpos, rlen)
+
+    cdef int _ring_check(self, uint64_t pos, uint64_t n) except -1:
+        """A ring reference as a writer makes it, or a StreamError."""
+        cdef uint64_t size = self._ring_size
+        if (size == 0 or n == 0 or n > size or pos % size + n > size
+                or pos + n > pq_load(self._shm + O_RING_HEAD)):
+            raise StreamError(f"pipeq: a frame refers to {n} bytes at {pos} in a ring of {size}")
+        return 0
 
     cdef object _end_frame(self, int r, uint64_t length, uint8_t flags, object data,
-                           object buffers):
+                           object buffers, uint64_t rpos=0, uint64_t rlen=0):
         """A frame's last step, r what its body's last span returned: its
-        COMMIT marker if that span did not reach it, then the frame counted
-        and returned as (data, buffers), (data, None) for a raw one; or what
-        a torn or bad frame comes to (_torn_or_bad)."""
+        COMMIT marker if that span did not reach it, then, for a ring frame,
+        its data out of the ring, then the frame counted and returned as
+        (data, buffers), (data, None) for a raw one; or what a torn or bad
+        frame comes to (_torn_or_bad)."""
         if r == SPAN_MORE:
             r = self._read_span(NULL, 0, length)  # the COMMIT marker itself
         if r != SPAN_END:
             return self._torn_or_bad(r)
+        if flags & FLAG_RING:
+            self._ring_get(rpos, rlen, data if flags & FLAG_RAW else None, buffers)
         self._frame_done()
         if flags & FLAG_RAW:
             return data, None
         return data, buffers
+
+    cdef int _ring_get(self, uint64_t pos, uint64_t n, object data, object buffers) except -1:
+        """Holding the read lock, a ring frame read whole: copy its data out
+        of the ring into data (raw bytes) or buffers, and free the ring up to
+        its end."""
+        cdef char *src = <char *>self._ring + pos % self._ring_size
+        cdef char *dst
+        cdef Py_ssize_t blen
+        if data is not None:
+            dst = PyBytes_AS_STRING(data)
+            with nogil:
+                memcpy(dst, src, n)
+        else:
+            for buf in buffers:
+                dst = PyByteArray_AS_STRING(buf)
+                blen = len(buf)
+                with nogil:
+                    memcpy(dst, src, blen)
+                src += blen
+        self._ring_got += n
+        pq_store(self._shm + O_RING_TAIL, pos + n)
+        return 0
 
     cdef list _read_group(self, uint64_t length, uint8_t flags, uint32_t nbuf):
         """Holding the read lock, a group's lead header read: read the lead's

@@ -69,7 +69,8 @@ SETTLE_NAP_NS = 2_000_000
 # pipe has room for its frame.
 LOCK_GRACE_NS = 5_000_000_000
 # What _begin_frame asks of _put_frame.
-PUT_DONE, PUT_AGAIN, PUT_PIPE_FULL, PUT_UNSETTLED = 1, 2, 3, 4
+PUT_DONE, PUT_AGAIN, PUT_PIPE_FULL, PUT_UNSETTLED, PUT_NO_RING = 1, 2, 3, 4, 5
+RING_REF = _shm.RING_REF.size
 # _read_span results
 SPAN_TORN, SPAN_MORE, SPAN_END = 0, 1, 2
 
@@ -314,12 +315,24 @@ def _frame_iov(hdr: bytes, segs: list[memoryview]) -> list[memoryview]:
     return iov
 
 
-def _encode(obj: object) -> tuple[bytes, list[memoryview], int]:
-    """obj as a frame: (header, the frame's buffers, its wire size)."""
+# A frame as _encode makes it: header, buffers and wire size, and for a frame
+# whose large part may go through the ring, that frame too (_RingFrame).
+_Encoded = tuple[bytes, list[memoryview], int, "_RingFrame | None"]
+# A ring frame: header, buffers and wire size; then what goes into the ring,
+# its length, and the ring reference that _ring_put fills in, one of the
+# frame's buffers.
+_RingFrame = tuple[bytes, list[memoryview], int, list[memoryview], int, bytearray]
+
+
+def _encode(obj: object, ring_max: int) -> _Encoded:
+    """obj as a frame: (header, the frame's buffers, its wire size, and the
+    ring frame to try first, if its large part is between RING_MIN and
+    ring_max bytes)."""
     flags = nbuf = 0
     if type(obj) is bytes:
         flags = _shm.FLAG_RAW
         segs = [memoryview(obj)]
+        large = segs
     else:
         obj = _shm.as_buffer(obj)
         # The pickler's file keeps what it writes.  (Not a BytesIO read back
@@ -331,15 +344,25 @@ def _encode(obj: object) -> tuple[bytes, list[memoryview], int]:
         ForkingPickler(sink, 5, True, collector).dump(obj)
         chunks = sink.chunks
         segs = [memoryview(chunks[0] if len(chunks) == 1 else b"".join(chunks))]
+        large = []
         if collector.views:
             # Body: u64 length table, pickle, out-of-band buffers.
             flags = _shm.FLAG_OOB
             nbuf = len(collector.views)
             table = b"".join(v.nbytes.to_bytes(8, "little") for v in collector.views)
-            segs = [memoryview(table), segs[0], *collector.views]
+            large = collector.views
+            segs = [memoryview(table), segs[0], *large]
     length = sum(len(s) for s in segs)
     hdr = _shm.HEADER.pack(_shm.MAGIC, _shm.VERSION, flags, nbuf, length)
-    return hdr, _frame_iov(hdr, segs), _shm.wire_size(length)
+    ring = None
+    rlen = sum(v.nbytes for v in large)
+    if _shm.RING_MIN <= rlen <= ring_max:
+        ref = bytearray(RING_REF)
+        rsegs = [memoryview(ref), *segs[: len(segs) - len(large)]]
+        rlength = length - rlen + RING_REF
+        rhdr = _shm.HEADER.pack(_shm.MAGIC, _shm.VERSION, flags | _shm.FLAG_RING, nbuf, rlength)
+        ring = (rhdr, _frame_iov(rhdr, rsegs), _shm.wire_size(rlength), large, rlen, ref)
+    return hdr, _frame_iov(hdr, segs), _shm.wire_size(length), ring
 
 
 class _ListSink:
@@ -392,7 +415,8 @@ class Channel:
         "_capacity", "_closed", "_mm", "_page", "_wlock", "_rlock", "_tlock", "_puts",
         "_gets", "_wr_pos", "_wr_end", "_wr_try", "_waiters", "_rd_pos", "_rd_hdr",
         "_marker", "_lost", "_done", "_joiners", "_stall_ns", "_wr_base", "_rd_try", "_rd_base",
-        "_wr_cnt", "_rd_cnt", "_wr_hold",
+        "_wr_cnt", "_rd_cnt", "_wr_hold", "_ring", "_ring_size", "_ring_max", "_ring_head",
+        "_ring_tail", "_ring_got",
     )  # fmt: skip
 
     def __init__(self, maxsize: int = 0, joinable: bool = False) -> None:
@@ -409,8 +433,14 @@ class Channel:
         self._stall_ns = stall_ns(STALL_WARNING_S)
         # The page stays mapped until the Channel is collected, so the
         # counters can be read after close(), as the stdlib's semaphore can.
-        self._mm = mmap.mmap(s, _shm.SHM_SIZE)
+        ring = _shm.attached_ring_size(s)
+        self._mm = mmap.mmap(s, _shm.SHM_SIZE + ring)
         self._page = memoryview(self._mm)
+        # The ring (see _shm.O_RING_HEAD), mapped with the page.
+        self._ring = self._page[_shm.RING_OFFSET :]
+        self._ring_size = ring
+        self._ring_max = ring // _shm.RING_SHARE
+        self._ring_got = 0  # ring bytes read; under the read lock
         base = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
         self._wlock = base + _shm.O_WLOCK
         self._rlock = base + _shm.O_RLOCK
@@ -432,6 +462,8 @@ class Channel:
         self._wr_cnt = ctypes.c_uint64.from_buffer(self._mm, _shm.O_WR_CNT)
         self._wr_hold = ctypes.c_uint64.from_buffer(self._mm, _shm.O_WR_HOLD)
         self._rd_cnt = ctypes.c_uint64.from_buffer(self._mm, _shm.O_RD_CNT)
+        self._ring_head = ctypes.c_uint64.from_buffer(self._mm, _shm.O_RING_HEAD)
+        self._ring_tail = ctypes.c_uint64.from_buffer(self._mm, _shm.O_RING_TAIL)
         self._rd_hdr = self._page[_shm.O_RD_HDR : _shm.O_RD_HDR + HDR]
         self._marker = bytearray(1)  # used only under the read lock
         if fresh:
@@ -552,7 +584,15 @@ class Channel:
         self._check()
         deadline = _deadline(timeout)
         # Pickle before taking any lock: a failure leaves the queue untouched.
-        self._put_frame(*_encode(obj), deadline)
+        self._put_encoded(_encode(obj, self._ring_max), deadline)
+
+    def _put_encoded(self, frame: _Encoded, deadline: int) -> None:
+        """Write a frame from _encode: its ring frame if the ring has room
+        for it, else the frame itself, through the pipe."""
+        hdr, iov, total, ring = frame
+        if ring is not None and self._put_frame(*ring[:3], deadline, ring):
+            return
+        self._put_frame(hdr, iov, total, deadline)
 
     def put_many(self, objs: Iterable[object], timeout: float | None = None) -> None:
         """Write every object of objs, in order, each as its own frame.  All
@@ -562,11 +602,11 @@ class Channel:
         sends runs of small frames by one write; this one writes each.)"""
         self._check()
         deadline = _deadline(timeout)
-        frames = [_encode(obj) for obj in objs]
+        frames = [_encode(obj, self._ring_max) for obj in objs]
         done = 0
         try:
             for frame in frames:
-                self._put_frame(*frame, deadline)
+                self._put_encoded(frame, deadline)
                 done += 1
         except queue.Full:
             raise BatchFull(done, len(frames)) from None
@@ -575,7 +615,16 @@ class Channel:
                 exc.add_note(f"pipeq: put_many() had put {done} of {len(frames)} items, in order")
             raise
 
-    def _put_frame(self, hdr: bytes, iov: list[memoryview], total: int, deadline: int) -> None:
+    def _put_frame(
+        self,
+        hdr: bytes,
+        iov: list[memoryview],
+        total: int,
+        deadline: int,
+        ring: _RingFrame | None = None,
+    ) -> bool:
+        """Write one frame; for a ring frame, ring.  True once written; False
+        when the ring has no room for a ring frame."""
         # A frame that fits in the pipe is begun only once it fits whole, so a
         # timeout never cuts it; only a frame larger than the pipe is streamed
         # (holding the write lock) and can be left unfinished.  Room for a
@@ -591,11 +640,13 @@ class Channel:
             if self._lock_writer(deadline, total) == TIMED_OUT:
                 raise queue.Full
             try:
-                r = self._begin_frame(hdr, iov, total, sized, deadline)
+                r = self._begin_frame(hdr, iov, total, sized, deadline, ring)
             finally:
                 _unlock(self._wlock)
             if r == PUT_DONE:
-                return
+                return True
+            if r == PUT_NO_RING:
+                return False
             if r == PUT_UNSETTLED:
                 # A writer was killed inside a write; wait (not holding the
                 # lock) for a reader to drain the pipe and settle where it
@@ -627,7 +678,13 @@ class Channel:
                 return TIMED_OUT
 
     def _begin_frame(
-        self, hdr: bytes, iov: list[memoryview], total: int, sized: bool, deadline: int
+        self,
+        hdr: bytes,
+        iov: list[memoryview],
+        total: int,
+        sized: bool,
+        deadline: int,
+        ring: _RingFrame | None,
     ) -> int:
         """Holding the write lock: write the frame.  PUT_DONE, or what to
         wait for (not holding the lock) before trying again."""
@@ -655,6 +712,11 @@ class Channel:
                     raise queue.Full
             finally:
                 self._wr_hold.value = 0
+        if ring is not None:
+            if total <= PIPE_BUF and not self._has_room(total):
+                return PUT_PIPE_FULL  # before copying into the ring for nothing
+            if not self._ring_put(ring):
+                return PUT_NO_RING
         # The last frame is over: its bytes join WR_BASE before WR_POS is
         # reset (skipped if a writer killed here already moved it).
         if _parity(self._wr_base.value, self._puts.value):
@@ -667,7 +729,13 @@ class Channel:
         self._wr_cnt.value = 1
         self._wr_end.value = total
         self._puts.value += 1
-        r = self._write_iov(iov, deadline, True)
+        r = -1
+        try:
+            r = self._write_iov(iov, deadline, True)
+        finally:
+            if ring is not None and r != WRITE_DONE and self._wr_end.value == 0:
+                # Nothing of the frame went in: nor did its ring data.
+                self._ring_head.value = int.from_bytes(ring[5][:8], "little")
         if r == WRITE_DONE:
             self._wr_end.value = 0
             return PUT_DONE
@@ -676,6 +744,40 @@ class Channel:
         # WRITE_RETRY: the pipe was full before our first byte and the frame
         # was taken back.
         return PUT_PIPE_FULL
+
+    def _ring_put(self, ring: _RingFrame) -> bool:
+        """Holding the write lock: copy a ring frame's large part into the
+        ring and fill in the frame's ring reference.  False if the ring has
+        no room for it."""
+        srcs, n, ref = ring[3:]
+        size = self._ring_size
+        head, tail = self._ring_head.value, self._ring_tail.value
+        if head == tail and head:
+            # Every frame in the ring has been read: start again at 0, on
+            # pages that are warm.  No reader touches RING_TAIL until it has
+            # read a ring frame, and none is in the pipe.
+            self._ring_tail.value = 0
+            self._ring_head.value = 0
+            head = tail = 0
+        pos = head
+        off = pos % size
+        lap = _shm.RING_LAP
+        if off + n > size or (off and n <= lap and off + n > lap):
+            # Never across the end, nor past RING_LAP (see _shm.RING_LAP):
+            # to the start of the next lap, which must be free.
+            pos += size - off
+            off = 0
+        if pos + n - tail > size:
+            return False
+        for src in srcs:
+            self._ring[off : off + src.nbytes] = src
+            off += src.nbytes
+        _shm.RING_REF.pack_into(ref, 0, pos, n)
+        # Before the frame's first byte: a frame in the pipe always lies
+        # below RING_HEAD.  A writer killed between here and the frame
+        # leaves a gap, freed by the next ring frame read.
+        self._ring_head.value = pos + n
+        return True
 
     def _has_room(self, total: int) -> bool:
         used = _fionread(self._rfd)
@@ -1038,6 +1140,7 @@ class Channel:
                         raise queue.Empty
                     before = self._gets.value
                     base0 = self._rd_base.value
+                    ring0 = self._ring_got
                     while True:
                         frame = self._read_frame()
                         if frame is None:
@@ -1052,7 +1155,8 @@ class Channel:
                         # small enough for the batch to pay.
                         if (
                             len(frames) >= max_messages
-                            or (self._rd_base.value - base0) & _MASK >= BATCH_BYTES
+                            or ((self._rd_base.value - base0) & _MASK) + self._ring_got - ring0
+                            >= BATCH_BYTES
                         ):
                             break
                 finally:
@@ -1169,6 +1273,18 @@ class Channel:
     def _read_body(self) -> _Frame | Literal[False]:
         flags, nbuf, length = self._header()
         rest = length
+        ring = flags & _shm.FLAG_RING
+        rpos = rlen = rleft = 0
+        r = SPAN_MORE
+        if ring:
+            ref = bytearray(RING_REF)
+            r = self._read_span(memoryview(ref), length)
+            if r == SPAN_TORN:
+                return self._torn_or_bad(r)
+            rpos, rlen = _shm.RING_REF.unpack(ref)
+            rleft = rlen
+            self._ring_check(rpos, rlen)
+            rest -= RING_REF
         buffers: list[bytearray] | None = None
         if nbuf:
             table = bytearray(8 * nbuf)
@@ -1178,16 +1294,27 @@ class Channel:
             rest -= 8 * nbuf
             buffers = []
             for (blen,) in struct.iter_unpack("<Q", table):
-                if blen > rest:
-                    raise StreamError("pipeq: buffer table exceeds the frame")
-                rest -= blen
+                if ring:
+                    if blen > rleft:
+                        raise StreamError("pipeq: buffer table exceeds the ring data")
+                    rleft -= blen
+                else:
+                    if blen > rest:
+                        raise StreamError("pipeq: buffer table exceeds the frame")
+                    rest -= blen
                 buffers.append(bytearray(blen))
+            if rleft:
+                raise StreamError("pipeq: buffer table falls short of the ring data")
         # Fresh objects, read into directly.  (Unlike the compiled core, a
         # raw bytes item is copied once at the end: Python cannot read into
         # a bytes object.)
-        data = bytearray(rest)
-        r = self._read_span(memoryview(data), length)
-        if buffers is not None:
+        if ring and flags & _shm.FLAG_RAW:
+            data = bytearray(rlen)  # filled from the ring
+        else:
+            data = bytearray(rest)
+            if r == SPAN_MORE:
+                r = self._read_span(memoryview(data), length)
+        if buffers is not None and not ring:
             for buf in buffers:
                 if r != SPAN_MORE:
                     break
@@ -1196,10 +1323,34 @@ class Channel:
             r = self._read_span(_NOTHING, length)  # the COMMIT marker itself
         if r != SPAN_END:
             return self._torn_or_bad(r)
+        if ring:
+            self._ring_get(rpos, rlen, [data] if flags & _shm.FLAG_RAW else buffers or [])
         self._frame_done()
         if flags & _shm.FLAG_RAW:
             return bytes(data), None
         return data, (buffers if buffers is not None else ())
+
+    def _ring_check(self, pos: int, n: int) -> None:
+        """A ring reference as a writer makes it, or a StreamError."""
+        size = self._ring_size
+        if (
+            size == 0
+            or n == 0
+            or n > size
+            or pos % size + n > size
+            or pos + n > self._ring_head.value
+        ):
+            raise StreamError(f"pipeq: a frame refers to {n} bytes at {pos} in a ring of {size}")
+
+    def _ring_get(self, pos: int, n: int, dsts: list[bytearray]) -> None:
+        """Holding the read lock, a ring frame read whole: copy its data out
+        of the ring into dsts, and free the ring up to its end."""
+        off = pos % self._ring_size
+        for dst in dsts:
+            dst[:] = self._ring[off : off + len(dst)]
+            off += len(dst)
+        self._ring_got += n
+        self._ring_tail.value = pos + n
 
     def _torn_or_bad(self, r: int) -> Literal[False]:
         if r == SPAN_TORN:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
 import struct
 import tempfile
@@ -26,6 +27,14 @@ FLAG_RAW = 0x02  # body = a bytes object, sent without pickling
 FLAG_GROUP = 0x04
 GROUP_SHIFT = 16
 GROUP_BYTES = (1 << GROUP_SHIFT) - 1
+# The frame's large part is in the ring (see RING_OFFSET), not in the pipe.
+# Its body starts with a ring reference, RING_REF: the u64 position (a count
+# of ring bytes; the data lie at position % ring size, never across the
+# ring's end) and the u64 length of what lies there.  With FLAG_OOB the rest
+# of the body is the length table and the pickle, and the out-of-band
+# buffers lie in the ring back to back; with FLAG_RAW the bytes lie there.
+FLAG_RING = 0x08
+RING_REF = struct.Struct("<QQ")
 CHUNK = 1 << 20
 MARK_CONT = 0xA7
 MARK_COMMIT = 0xC3
@@ -77,8 +86,16 @@ def header_ok(magic: bytes, version: int, flags: int, nbuf: int, length: int) ->
     """Whether a header's fields (HEADER.unpack's) make sense."""
     if magic != MAGIC or version != VERSION:
         return False
-    if flags & ~(FLAG_OOB | FLAG_RAW | FLAG_GROUP) or length > MAX_BODY:
+    if flags & ~(FLAG_OOB | FLAG_RAW | FLAG_GROUP | FLAG_RING) or length > MAX_BODY:
         return False
+    if flags & FLAG_RING:
+        # A pickle with its buffers in the ring, or raw bytes there.
+        kind = flags & (FLAG_OOB | FLAG_RAW | FLAG_GROUP)
+        if kind == FLAG_RAW:
+            return nbuf == 0 and length == RING_REF.size
+        if kind != FLAG_OOB:
+            return False
+        return nbuf != 0 and RING_REF.size + nbuf * 8 <= length
     if flags & FLAG_GROUP:
         # Only small frames form groups; an odd number of frames in all, and
         # every frame that follows is at least a header and a marker.
@@ -150,6 +167,32 @@ O_WLOCK = 256
 O_RLOCK = 384
 O_TLOCK = 512
 LOCK_SPACE = 128
+# The ring: a region of shared memory after the page, in the same file, for
+# the large part of a frame (see FLAG_RING).  A writer holding the write lock
+# copies that part in at RING_HEAD and moves RING_HEAD past it before the
+# frame's first byte goes into the pipe; a reader holding the read lock
+# copies it out once it has read the whole frame, then moves RING_TAIL to the
+# end of that frame's data.  Frames are read in the order they were written,
+# so RING_TAIL frees every region before it too: the region of a frame that
+# is dropped (torn, or skipped after its reader was killed) is freed by the
+# next ring frame read.  RING_HEAD - RING_TAIL bytes are in use; when none
+# are, the next writer starts again at 0, so a queue whose consumers keep up
+# reuses the same few warm pages.  A writer that finds no room sends the
+# frame through the pipe as usual: the ring never makes anyone wait.
+O_RING_HEAD = 640  # u64; under the write lock
+O_RING_TAIL = 704  # u64; under the read lock, read by writers
+RING_OFFSET = SHM_SIZE  # where the ring starts in the shared file
+RING_SIZE = 32 << 20  # default; PIPEQ_RING_SIZE (bytes, 0 for none) overrides
+RING_MIN = OOB_MIN  # frames with less than this to put in the ring do not use it
+RING_SHARE = 4  # nor does a frame with more than ring size / RING_SHARE
+# Frames of up to RING_LAP bytes go round the first RING_LAP bytes of the
+# ring only: the next one starts again at 0 when it would end past RING_LAP
+# and what is in use lies wholly after it.  A producer that runs ahead of its
+# consumers then reuses a few MiB that stay in the CPU's caches, where going
+# round the whole ring would write and read every byte from main memory
+# (1 MiB bytes, 1x1: about 10,000 -> 20,000 messages a second).  Larger
+# frames take the ring as it comes.
+RING_LAP = 4 << 20
 
 DEFAULT_PIPE_SIZE = 65536
 
@@ -193,15 +236,44 @@ def _pipe() -> tuple[int, int]:
     return r, w
 
 
+def ring_size() -> int:
+    """The ring size for a new queue: PIPEQ_RING_SIZE bytes (rounded down to
+    whole pages; 0 for no ring), or RING_SIZE."""
+    value = os.environ.get("PIPEQ_RING_SIZE", "").strip()
+    if not value:
+        return RING_SIZE
+    try:
+        size = int(value)
+    except ValueError:
+        raise ValueError(f"PIPEQ_RING_SIZE must be a number of bytes, not {value!r}") from None
+    if size < 0:
+        raise ValueError(f"PIPEQ_RING_SIZE must not be negative, not {size}")
+    return size - size % mmap.PAGESIZE
+
+
 def _shared_page() -> int:
+    """The shared page and, after it, the ring, in one memory-backed file.
+    The ring's pages cost memory only once written."""
+    ring = ring_size()
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("pipeq", os.MFD_CLOEXEC)
     else:
         where = "/dev/shm" if os.path.isdir("/dev/shm") else None
         fd, path = tempfile.mkstemp(prefix="pipeq-", dir=where)
         os.unlink(path)
-    os.ftruncate(fd, SHM_SIZE)
+        if where is None:
+            ring = 0  # a file on disk: no ring
+    try:
+        os.ftruncate(fd, SHM_SIZE + ring)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
+
+
+def attached_ring_size(fd: int) -> int:
+    """The ring size of the queue whose shared file is fd."""
+    return max(os.fstat(fd).st_size - SHM_SIZE, 0)
 
 
 def create(maxsize: int, joinable: bool = False) -> tuple[int, ...]:
