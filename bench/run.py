@@ -38,16 +38,21 @@ What is timed
   the pinging process with perf_counter_ns.
 
 Equal capacity
-  Every queue holds about the same bytes in flight, B, the pipe size pipeq gets
+  Every queue holds about the same bytes in flight: B, the pipe size pipeq gets
   (the largest the OS allows: F_SETPIPE_SZ up to /proc/sys/fs/pipe-max-size on
-  Linux; printed with the results). In items that is K = max(1, B // frame),
-  with frame the payload's size on pipeq's wire; K is the "bound" column.
+  Linux; printed with the results), plus R, what pipeq's ring holds of the
+  payload beside its pipe (0 for items that do not use the ring; for bytes
+  and numpy items of 16 KiB to 8 MiB, as many whole items as fit in 4 MiB, or
+  in 32 MiB for items over 4 MiB). In items that is
+  K = max(1, B // frame + R // pickled), with frame the payload's size on
+  pipeq's wire; K is the "bound" column.
   - pipeq, mp.SimpleQueue, the floor: bounded by their pipe, resized to B (the
-    stdlib's pipes included, which helps them with large payloads).
+    stdlib's pipes included, which helps them with large payloads), and pipeq
+    by its ring.
   - mp.Queue: maxsize=K, and its pipe resized to B. Without an item bound its
     feeder thread would run ahead without limit; it takes its semaphore on
     every put and get whatever maxsize is, so the bound costs it nothing.
-  - faster-fifo: maxsize=K, and a ring of B + one message (8-byte header +
+  - faster-fifo: maxsize=K, and a ring of B + R + one message (8-byte header +
     pickle), since its ring must hold a message whole where a pipe streams it;
     the ring then never binds before the K items do.
 
@@ -93,7 +98,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from pathlib import Path
@@ -174,6 +179,28 @@ PAYLOADS: dict[str, Payload] = {
 
 def pickled_size(payload: str) -> int:
     return len(pickle.dumps(PAYLOADS[payload].make(), protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def ring_bytes(payload: str) -> int:
+    """How many bytes of such items pipeq's ring holds beside its pipe when
+    no consumer takes any (pipeq's rule, src/pipeq/_shm.py): none for items
+    that do not use the ring, else whole items up to RING_LAP bytes (up to
+    the ring's size for items larger than RING_LAP)."""
+    if pipeq is None:
+        return 0
+    shm = importlib.import_module("pipeq._shm")
+    obj = PAYLOADS[payload].make()
+    if type(obj) is bytes:
+        large = len(obj)
+    elif np is not None and isinstance(obj, np.ndarray):
+        large = obj.nbytes
+    else:
+        return 0
+    size = shm.ring_size()
+    if not shm.RING_MIN <= large <= size // shm.RING_SHARE:
+        return 0
+    span = shm.RING_LAP if large <= shm.RING_LAP else size
+    return span // large * large
 
 
 # pipeq's wire format (src/pipeq/_shm.py): a 16-byte header, then the body with
@@ -287,14 +314,16 @@ class RawPipe:
 
 @dataclass(frozen=True)
 class Capacity:
-    """The common bound: `pipe` bytes, `items` messages of `pickled` bytes."""
+    """The common bound: `pipe` bytes and `ring` bytes (what pipeq's ring holds
+    of such items), `items` messages of `pickled` bytes."""
 
     pipe: int
     pickled: int
+    ring: int = 0
 
     @property
     def items(self) -> int:
-        return max(1, self.pipe // frame_size(self.pickled))
+        return max(1, self.pipe // frame_size(self.pickled) + self.ring // max(1, self.pickled))
 
 
 def _put(q: Any, item: object, timeout: float) -> None:
@@ -371,7 +400,9 @@ def _make_mp_simple(ctx: BaseContext, cap: Capacity) -> Any:
 
 def _make_faster_fifo(ctx: BaseContext, cap: Capacity) -> Any:
     assert faster_fifo is not None
-    return faster_fifo.Queue(max_size_bytes=cap.pipe + 8 + cap.pickled, maxsize=cap.items)
+    return faster_fifo.Queue(
+        max_size_bytes=cap.pipe + cap.ring + 8 + cap.pickled, maxsize=cap.items
+    )
 
 
 def _make_pipeq(ctx: BaseContext, cap: Capacity) -> Any:
@@ -690,8 +721,8 @@ class Settings:
     timeout: float
     floor_exe: str | None
 
-    def capacity(self, pickled: int) -> Capacity:
-        return Capacity(self.pipe, pickled)
+    def capacity(self, payload: str, pickled: int) -> Capacity:
+        return Capacity(self.pipe, pickled, ring_bytes(payload))
 
 
 def run_floor_exe(s: Settings, mode: str, body: int, count: int, *extra: str) -> str:
@@ -718,7 +749,7 @@ def throughput_trial(impl: Impl, wl: Workload, s: Settings) -> float:
     if impl.name == C_FLOOR_SLICED:
         out = run_floor_exe(s, "throughput", frame_body(wl.pickled), wl.items, str(SLICED_WRITE))
         return float(out)
-    q = impl.make(s.ctx, s.capacity(wl.pickled))
+    q = impl.make(s.ctx, s.capacity(wl.payload, wl.pickled))
     start = s.ctx.Barrier(wl.producers + wl.consumers)
     done = s.ctx.Barrier(wl.producers + 1)
     batch = max(1, min(BATCH, s.pipe // max(1, wl.pickled)))
@@ -755,7 +786,7 @@ def latency_trial(
     if impl.name == C_FLOOR:
         out = run_floor_exe(s, "pingpong", frame_body(pickled), warmup + n)
         return [int(line) / 1e3 for line in out.split()[warmup:]]
-    cap = s.capacity(pickled)
+    cap = s.capacity(payload, pickled)
     ping, pong = impl.make(s.ctx, cap), impl.make(s.ctx, cap)
     clean = False
     try:
@@ -927,7 +958,10 @@ def run_throughput(
     workloads: list[Workload], impls: list[Impl], repeat: int, s: Settings
 ) -> list[ThroughputResult]:
     cases = [(wl, impl) for wl in workloads for impl in impls if _measures(impl, wl, s)]
-    results = [ThroughputResult(wl, impl.name, s.capacity(wl.pickled).items) for wl, impl in cases]
+    results = [
+        ThroughputResult(wl, impl.name, s.capacity(wl.payload, wl.pickled).items)
+        for wl, impl in cases
+    ]
     for rnd in range(1, repeat + 1):
         for k, ((wl, impl), res) in enumerate(zip(cases, results, strict=True), 1):
             if res.error is not None:
@@ -1026,7 +1060,8 @@ def machine_info(s: Settings, floor: str, start_method: str) -> dict[str, object
             f"{s.pipe} bytes, pipeq's (pipe-max-size {_read_text('/proc/sys/fs/pipe-max-size')})"
         ),
         "capacity": "every pipe resized to the pipe size B; mp.Queue and faster-fifo"
-        " maxsize = the items B holds (the bound column); faster-fifo ring = B + one message",
+        " maxsize = the items that B and pipeq's ring R hold (the bound column);"
+        " faster-fifo ring = B + R + one message",
         "floor": floor,
         "blas threads": ", ".join(f"{v}={os.environ.get(v)}" for v in BLAS_THREADS),
     }
@@ -1354,6 +1389,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="implementations whose name contains one of these",
     )
     ap.add_argument(
+        "--payload",
+        nargs="+",
+        metavar="NAME",
+        help="sweep payloads whose name contains one of these (e.g. numpy 64)",
+    )
+    ap.add_argument(
         "--timeout",
         type=float,
         default=60.0,
@@ -1368,6 +1409,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     mode = QUICK if args.quick else FULL
+    if args.payload:
+        names = tuple(p for p in PAYLOADS if any(w in p for w in args.payload))
+        mode = replace(mode, payloads=names)
     repeat = args.repeat
     t_begin = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pipeq-bench-") as tmp:
