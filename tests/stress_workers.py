@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import queue
 import random
 from typing import Any
@@ -24,9 +25,16 @@ def payload(producer: int, seq: int, size: int) -> bytes:
     return (producer * 1_000_003 + seq).to_bytes(8, "little") * (size // 8) + b"p" * (size % 8)
 
 
-def _item(producer: int, seq: int, size: int) -> tuple[int, int, int, bytes, bytes]:
+def _item(producer: int, seq: int, size: int) -> tuple[int, int, int, bytes, Any]:
+    """The item for one seq.  Its body goes out of band for an even seq (a
+    PickleBuffer, which arrives as a bytearray), so that a large one takes
+    pipeq's ring; for an odd seq it is bytes inside the pickle, and a large
+    one goes through the pipe."""
     body = payload(producer, seq, size)
-    return (producer, seq, size, hashlib.sha256(body).digest(), body)
+    digest = hashlib.sha256(body).digest()
+    if seq % 2 == 0:
+        return (producer, seq, size, digest, pickle.PickleBuffer(bytearray(body)))
+    return (producer, seq, size, digest, body)
 
 
 def produce(
