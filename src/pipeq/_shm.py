@@ -261,8 +261,9 @@ def _shared_page() -> int:
         where = "/dev/shm" if os.path.isdir("/dev/shm") else None
         fd, path = tempfile.mkstemp(prefix="pipeq-", dir=where)
         os.unlink(path)
-        if where is None:
-            ring = 0  # a file on disk: no ring
+        # No ring in such a file: on disk it would be written back, and a
+        # size-limited tmpfs that fills up kills a writer with SIGBUS.
+        ring = 0
     try:
         os.ftruncate(fd, SHM_SIZE + ring)
     except BaseException:
