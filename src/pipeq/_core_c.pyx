@@ -371,8 +371,8 @@ cdef inline uint64_t _wire_size(uint64_t length) noexcept nogil:
     return HDR + length + _nchunks(length)
 
 
-cdef int _frame_iov(iovec *iov, uint8_t *hdr, iovec *segs, Py_ssize_t nsegs,
-                    uint64_t length) noexcept:
+cdef inline int _frame_iov(iovec *iov, uint8_t *hdr, iovec *segs, Py_ssize_t nsegs,
+                           uint64_t length) noexcept:
     """Fill iov with a frame: the header, the body's segments cut at every
     CHUNK bytes by a CONT marker, and the COMMIT marker.  The number of
     entries, at most 2 + nsegs + 2 * _nchunks(length)."""
@@ -1210,13 +1210,16 @@ cdef class Channel:
         pq_store(shm + O_WR_CNT, count)
         pq_store(shm + O_WR_END, total)
         pq_store(shm + O_PUTS, pq_load(shm + O_PUTS) + count)
-        r = 0
-        try:
+        if ring == NULL:
             r = self._write_iov(iov, niov, deadline, True)
-        finally:
-            if ring != NULL and r != 1 and pq_load(shm + O_WR_END) == 0:
-                # Nothing of the frame went in: nor did its ring data.
-                pq_store(shm + O_RING_HEAD, _get_u64(ring.ref))
+        else:
+            r = 0
+            try:
+                r = self._write_iov(iov, niov, deadline, True)
+            finally:
+                if r != 1 and pq_load(shm + O_WR_END) == 0:
+                    # Nothing of the frame went in: nor did its ring data.
+                    pq_store(shm + O_RING_HEAD, _get_u64(ring.ref))
         if r == 1:
             pq_store(shm + O_WR_END, 0)
             return PUT_DONE
@@ -1848,7 +1851,7 @@ cdef class Channel:
             data = PyBytes_FromStringAndSize(NULL, length)
             memcpy(PyBytes_AS_STRING(data), self._small, body)
             r = self._read_span(PyBytes_AS_STRING(data) + body, length - body, length)
-        return self._end_frame(r, length, flags, data, ())
+        return self._end_frame(r, length, flags, data, (), 0, 0)
 
     cdef int _finish_header(self) except -1:
         """Read the rest of a partial header and check it.  0 if its writer
@@ -1947,7 +1950,7 @@ cdef class Channel:
         return 0
 
     cdef object _end_frame(self, int r, uint64_t length, uint8_t flags, object data,
-                           object buffers, uint64_t rpos=0, uint64_t rlen=0):
+                           object buffers, uint64_t rpos, uint64_t rlen):
         """A frame's last step, r what its body's last span returned: its
         COMMIT marker if that span did not reach it, then, for a ring frame,
         its data out of the ring, then the frame counted and returned as
