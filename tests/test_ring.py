@@ -346,6 +346,46 @@ def test_bad_ring_reference_is_a_stream_error(
     assert reader.get(timeout=TIMEOUT) == "after"
 
 
+def _ring_frame(flags: int, nbuf: int, body: bytes, marker: int) -> bytes:
+    hdr = _shm.HEADER.pack(_shm.MAGIC, _shm.VERSION, flags | _shm.FLAG_RING, nbuf, len(body))
+    return hdr + body + bytes([marker])
+
+
+@pytest.mark.parametrize("wcore,rcore", PAIRS)
+@pytest.mark.parametrize("kind", ["raw", "oob"])
+def test_torn_ring_frame_is_dropped_whatever_its_reference(
+    channels: Any, wcore: str, rcore: str, kind: str
+) -> None:
+    """A writer killed after recording a ring frame and before its first
+    byte leaves the next writer to pay the frame as a torn one: its header,
+    zeros for the body, the TORN marker.  Readers drop it, although its ring
+    reference (all zeros) refers to nothing."""
+    writer, reader, page = channels(wcore, rcore)
+    if kind == "raw":
+        torn = _ring_frame(_shm.FLAG_RAW, 0, bytes(_shm.RING_REF.size), _shm.MARK_TORN)
+    else:
+        torn = _ring_frame(_shm.FLAG_OOB, 1, bytes(_shm.RING_REF.size + 8 + 60), _shm.MARK_TORN)
+    os.write(writer.writer_fileno(), torn)
+    item = make_payload("bytes", 20 * KIB)
+    writer.put(item, timeout=TIMEOUT)
+    assert reader.get(timeout=TIMEOUT) == item  # the torn frame dropped, silently
+    assert tail(page) == head(page)
+
+
+@pytest.mark.parametrize("wcore,rcore", PAIRS)
+def test_ring_frame_whose_table_disagrees_is_a_stream_error(
+    channels: Any, wcore: str, rcore: str
+) -> None:
+    writer, reader, page = channels(wcore, rcore, ring=SMALL_RING)
+    page._ring_head.value = SMALL_RING
+    body = _shm.RING_REF.pack(0, 100) + (50).to_bytes(8, "little") + b"\x80\x05N."
+    os.write(writer.writer_fileno(), _ring_frame(_shm.FLAG_OOB, 1, body, _shm.MARK_COMMIT))
+    with pytest.raises(StreamError, match="buffer table to 50"):
+        reader.get(timeout=TIMEOUT)
+    writer.put("after", timeout=TIMEOUT)
+    assert reader.get(timeout=TIMEOUT) == "after"
+
+
 def test_header_check_knows_ring_frames() -> None:
     ok = _shm.header_ok
     ref = _shm.RING_REF.size

@@ -1896,9 +1896,10 @@ cdef class Channel:
             r = self._read_span(<char *>ref, RING_REF, length)
             if r == SPAN_TORN:
                 return self._torn_or_bad(r)
+            # Checked once the frame is read whole (_ring_get): a torn one is
+            # dropped, whatever its ring reference and table say.
             rpos = _get_u64(ref)
             rlen = rleft = _get_u64(ref + 8)
-            self._ring_check(rpos, rlen)
             rest -= RING_REF
         buffers = None
         try:
@@ -1915,20 +1916,19 @@ cdef class Channel:
                     blen = _get_u64(table + 8 * i)
                     if ring:
                         if blen > rleft:
-                            raise StreamError("pipeq: buffer table exceeds the ring data")
+                            break  # a bad table: _ring_get finds the sum short
                         rleft -= blen
                     else:
                         if blen > rest:
                             raise StreamError("pipeq: buffer table exceeds the frame")
                         rest -= blen
                     buffers.append(PyByteArray_FromStringAndSize(NULL, blen))
-                if rleft:
-                    raise StreamError("pipeq: buffer table falls short of the ring data")
         finally:
             PyMem_Free(table)
         # Fresh objects, read into directly: no copy on this side.
         if ring and flags & FLAG_RAW:
-            data = PyBytes_FromStringAndSize(NULL, rlen)  # filled from the ring
+            # Filled from the ring; no sane reference is longer than it.
+            data = PyBytes_FromStringAndSize(NULL, rlen if rlen <= self._ring_size else 0)
         else:
             data = PyBytes_FromStringAndSize(NULL, rest)
             if r == SPAN_MORE:
@@ -1941,12 +1941,18 @@ cdef class Channel:
         return self._end_frame(r, length, flags, data,
                                buffers if buffers is not None else (), rpos, rlen)
 
-    cdef int _ring_check(self, uint64_t pos, uint64_t n) except -1:
-        """A ring reference as a writer makes it, or a StreamError."""
+    cdef int _ring_check(self, uint64_t pos, uint64_t n, uint64_t got) except -1:
+        """A ring frame read whole, whose reference says n bytes at pos and
+        whose destinations come to got bytes: as a writer makes it, or the
+        frame is counted lost and a StreamError raised."""
         cdef uint64_t size = self._ring_size
         if (size == 0 or n == 0 or n > size or pos % size + n > size
-                or pos + n > pq_load(self._shm + O_RING_HEAD)):
-            raise StreamError(f"pipeq: a frame refers to {n} bytes at {pos} in a ring of {size}")
+                or pos + n > pq_load(self._shm + O_RING_HEAD) or got != n):
+            self._frame_lost()
+            self._frame_done()
+            raise StreamError(
+                f"pipeq: a frame refers to {n} bytes at {pos} in a ring of {size}"
+                + ("" if got == n else f", its buffer table to {got}"))
         return 0
 
     cdef object _end_frame(self, int r, uint64_t length, uint8_t flags, object data,
@@ -1971,9 +1977,17 @@ cdef class Channel:
         """Holding the read lock, a ring frame read whole: copy its data out
         of the ring into data (raw bytes) or buffers, and free the ring up to
         its end."""
-        cdef char *src = <char *>self._ring + pos % self._ring_size
+        cdef char *src
         cdef char *dst
         cdef Py_ssize_t blen
+        cdef uint64_t got = 0
+        if data is not None:
+            got = len(<bytes>data)
+        else:
+            for buf in buffers:
+                got += len(buf)
+        self._ring_check(pos, n, got)
+        src = <char *>self._ring + pos % self._ring_size
         if data is not None:
             dst = PyBytes_AS_STRING(data)
             with nogil:

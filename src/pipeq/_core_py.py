@@ -1281,9 +1281,10 @@ class Channel:
             r = self._read_span(memoryview(ref), length)
             if r == SPAN_TORN:
                 return self._torn_or_bad(r)
+            # Checked once the frame is read whole (_ring_get): a torn one is
+            # dropped, whatever its ring reference and table say.
             rpos, rlen = _shm.RING_REF.unpack(ref)
             rleft = rlen
-            self._ring_check(rpos, rlen)
             rest -= RING_REF
         buffers: list[bytearray] | None = None
         if nbuf:
@@ -1296,20 +1297,19 @@ class Channel:
             for (blen,) in struct.iter_unpack("<Q", table):
                 if ring:
                     if blen > rleft:
-                        raise StreamError("pipeq: buffer table exceeds the ring data")
+                        break  # a bad table: _ring_get finds the sum short
                     rleft -= blen
                 else:
                     if blen > rest:
                         raise StreamError("pipeq: buffer table exceeds the frame")
                     rest -= blen
                 buffers.append(bytearray(blen))
-            if rleft:
-                raise StreamError("pipeq: buffer table falls short of the ring data")
         # Fresh objects, read into directly.  (Unlike the compiled core, a
         # raw bytes item is copied once at the end: Python cannot read into
         # a bytes object.)
         if ring and flags & _shm.FLAG_RAW:
-            data = bytearray(rlen)  # filled from the ring
+            # Filled from the ring; no sane reference is longer than it.
+            data = bytearray(rlen if rlen <= self._ring_size else 0)
         else:
             data = bytearray(rest)
             if r == SPAN_MORE:
@@ -1330,8 +1330,10 @@ class Channel:
             return bytes(data), None
         return data, (buffers if buffers is not None else ())
 
-    def _ring_check(self, pos: int, n: int) -> None:
-        """A ring reference as a writer makes it, or a StreamError."""
+    def _ring_check(self, pos: int, n: int, got: int) -> None:
+        """A ring frame read whole, whose reference says n bytes at pos and
+        whose destinations come to got bytes: as a writer makes it, or the
+        frame is counted lost and a StreamError raised."""
         size = self._ring_size
         if (
             size == 0
@@ -1339,12 +1341,19 @@ class Channel:
             or n > size
             or pos % size + n > size
             or pos + n > self._ring_head.value
+            or got != n
         ):
-            raise StreamError(f"pipeq: a frame refers to {n} bytes at {pos} in a ring of {size}")
+            self._frame_lost()
+            self._frame_done()
+            raise StreamError(
+                f"pipeq: a frame refers to {n} bytes at {pos} in a ring of {size}"
+                + ("" if got == n else f", its buffer table to {got}")
+            )
 
     def _ring_get(self, pos: int, n: int, dsts: list[bytearray]) -> None:
         """Holding the read lock, a ring frame read whole: copy its data out
         of the ring into dsts, and free the ring up to its end."""
+        self._ring_check(pos, n, sum(len(dst) for dst in dsts))
         off = pos % self._ring_size
         for dst in dsts:
             dst[:] = self._ring[off : off + len(dst)]
