@@ -382,6 +382,12 @@ def test_ring_frame_whose_table_disagrees_is_a_stream_error(
     os.write(writer.writer_fileno(), _ring_frame(_shm.FLAG_OOB, 1, body, _shm.MARK_COMMIT))
     with pytest.raises(StreamError, match="buffer table to 50"):
         reader.get(timeout=TIMEOUT)
+    # A reference and table far larger than the ring: no allocation for them.
+    huge = 1 << 50
+    body = _shm.RING_REF.pack(0, huge) + huge.to_bytes(8, "little") + b"\x80\x05N."
+    os.write(writer.writer_fileno(), _ring_frame(_shm.FLAG_OOB, 1, body, _shm.MARK_COMMIT))
+    with pytest.raises(StreamError, match="refers to"):
+        reader.get(timeout=TIMEOUT)
     writer.put("after", timeout=TIMEOUT)
     assert reader.get(timeout=TIMEOUT) == "after"
 

@@ -1899,7 +1899,8 @@ cdef class Channel:
             # Checked once the frame is read whole (_ring_get): a torn one is
             # dropped, whatever its ring reference and table say.
             rpos = _get_u64(ref)
-            rlen = rleft = _get_u64(ref + 8)
+            rlen = _get_u64(ref + 8)
+            rleft = rlen if rlen <= self._ring_size else 0  # allocate no more
             rest -= RING_REF
         buffers = None
         try:

@@ -1284,7 +1284,7 @@ class Channel:
             # Checked once the frame is read whole (_ring_get): a torn one is
             # dropped, whatever its ring reference and table say.
             rpos, rlen = _shm.RING_REF.unpack(ref)
-            rleft = rlen
+            rleft = rlen if rlen <= self._ring_size else 0  # allocate no more
             rest -= RING_REF
         buffers: list[bytearray] | None = None
         if nbuf:
