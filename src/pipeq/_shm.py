@@ -190,8 +190,8 @@ RING_SHARE = 4  # nor does a frame with more than ring size / RING_SHARE
 # and what is in use lies wholly after it.  A producer that runs ahead of its
 # consumers then reuses a few MiB that stay in the CPU's caches, where going
 # round the whole ring would write and read every byte from main memory
-# (1 MiB bytes, 1x1: about 10,000 -> 20,000 messages a second).  Larger
-# frames take the ring as it comes.
+# (1 MiB bytes, one producer and one consumer: 10,700 -> 29,700 messages a
+# second).  Larger frames take the ring as it comes.
 RING_LAP = 4 << 20
 
 DEFAULT_PIPE_SIZE = 65536
