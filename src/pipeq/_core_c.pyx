@@ -219,6 +219,7 @@ cdef uint64_t RING_LAP = _shm.RING_LAP
 cdef uint64_t MAX_BODY = _shm.MAX_BODY
 
 cdef size_t SHM_SIZE = _shm.SHM_SIZE
+cdef size_t RING_OFFSET = _shm.RING_OFFSET
 cdef size_t O_PUTS = _shm.O_PUTS
 cdef size_t O_WR_POS = _shm.O_WR_POS
 cdef size_t O_WR_END = _shm.O_WR_END
@@ -736,12 +737,12 @@ cdef class Channel:
         cdef int s = self._shmfd
         self.maxsize = maxsize
         cdef uint64_t ring = _shm.attached_ring_size(s)
-        self._shm = <uint8_t *>pq_mmap(s, SHM_SIZE + ring)
+        self._shm = <uint8_t *>pq_mmap(s, RING_OFFSET + ring)
         if self._shm == NULL:
             _raise_errno(errno)
         self._ring_size = ring
         if ring:
-            self._ring = self._shm + SHM_SIZE
+            self._ring = self._shm + RING_OFFSET
         self._closed = False
         cdef int rc
         if fresh:
@@ -764,7 +765,7 @@ cdef class Channel:
     def __dealloc__(self):
         self._close_fds()
         if self._shm != NULL:
-            munmap(self._shm, SHM_SIZE + self._ring_size)
+            munmap(self._shm, RING_OFFSET + self._ring_size)
             self._shm = NULL
             self._ring = NULL
 

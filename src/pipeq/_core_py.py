@@ -434,7 +434,7 @@ class Channel:
         # The page stays mapped until the Channel is collected, so the
         # counters can be read after close(), as the stdlib's semaphore can.
         ring = _shm.attached_ring_size(s)
-        self._mm = mmap.mmap(s, _shm.SHM_SIZE + ring)
+        self._mm = mmap.mmap(s, _shm.RING_OFFSET + ring)
         self._page = memoryview(self._mm)
         # The ring (see _shm.O_RING_HEAD), mapped with the page.
         self._ring = self._page[_shm.RING_OFFSET :]

@@ -265,7 +265,7 @@ def _shared_page() -> int:
         # size-limited tmpfs that fills up kills a writer with SIGBUS.
         ring = 0
     try:
-        os.ftruncate(fd, SHM_SIZE + ring)
+        os.ftruncate(fd, RING_OFFSET + ring)
     except BaseException:
         os.close(fd)
         raise
@@ -274,7 +274,7 @@ def _shared_page() -> int:
 
 def attached_ring_size(fd: int) -> int:
     """The ring size of the queue whose shared file is fd."""
-    return max(os.fstat(fd).st_size - SHM_SIZE, 0)
+    return max(os.fstat(fd).st_size - RING_OFFSET, 0)
 
 
 def create(maxsize: int, joinable: bool = False) -> tuple[int, ...]:
